@@ -1,0 +1,372 @@
+"""LoRA bank: every adapter's A/B for one Linear (or GPT-2 Conv1D), routed per row.
+
+Storage: each adapter's ``A`` (r, in) and ``B`` (out, r) are ``nn.Parameter`` views into two stacked
+tensors ``stack_A`` (S, r_max, in) and ``stack_B`` (S, out, r_max), one slot per adapter (slot 0 is
+always zero = "no LoRA"). The views make each adapter a normal parameter for optimisers, saving and
+gradients, while inference gathers rows straight from the stacks without copying per call.
+We write this by hand because PEFT's per-row path (``adapter_names``) loops over adapters in Python
+and keeps no stacked storage; see README "Routing algorithm".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..routing import MixedRows, Route
+
+__all__ = ["LoraLayer", "is_lora_target_type"]
+
+
+def _conv1d_type():
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+def is_lora_target_type(module: nn.Module) -> bool:
+    """Layers LoRA can wrap: ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2)."""
+    return isinstance(module, (nn.Linear, _conv1d_type()))
+
+
+class LoraLayer(nn.Module):
+    """Wraps one frozen base layer; adds ``s·(x·Aᵀ)·Bᵀ`` for each row's adapter.
+
+    Args:
+        base_layer: the frozen ``nn.Linear`` or ``Conv1D``.
+        route: the owning model's shared :class:`Route`.
+    """
+
+    def __init__(self, base_layer: nn.Module, route: Route) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.fan_in_fan_out = isinstance(base_layer, _conv1d_type())
+        w = base_layer.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        self.lora_A = nn.ParameterDict()  # name -> (r, in), a view into stack_A
+        self.lora_B = nn.ParameterDict()  # name -> (out, r), a view into stack_B
+        self.register_buffer("stack_A", w.new_zeros(1, 1, self.in_features), persistent=False)
+        self.register_buffer("stack_B", w.new_zeros(1, self.out_features, 1), persistent=False)
+        self.register_buffer("scales", w.new_zeros(1), persistent=False)
+        self.slots: dict[str, int] = {}
+        self.ranks: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+        self._name_of_slot: dict[int, str] = {}
+        self.merged: str | None = None
+        self._original_weight: torch.Tensor | None = None
+        object.__setattr__(self, "_route", route)  # shared, not a submodule
+
+    # ----------------------------------------------------------------- storage
+    def _resize(self, slots: int, r_max: int) -> None:
+        """Grow the stacks to hold ``slots`` slots of rank ``r_max``; re-point every adapter's views."""
+        old_A, old_B = self.stack_A, self.stack_B
+        S0, r0 = old_A.shape[0], old_A.shape[1]
+        if slots <= S0 and r_max <= r0:
+            return
+        S, R = max(slots, 2 * S0 if slots > S0 else S0), max(r_max, r0)
+        new_A = old_A.new_zeros(S, R, self.in_features)
+        new_B = old_B.new_zeros(S, self.out_features, R)
+        new_A[:S0, :r0] = old_A
+        new_B[:S0, :, :r0] = old_B
+        scales = self.scales.new_zeros(S)
+        scales[:S0] = self.scales
+        self.stack_A, self.stack_B, self.scales = new_A, new_B, scales
+        self._repoint()
+
+    def _repoint(self) -> None:
+        for name, slot in self.slots.items():
+            r = self.ranks[name]
+            self.lora_A[name].data = self.stack_A[slot, :r]
+            self.lora_B[name].data = self.stack_B[slot, :, :r]
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.half()/.cuda() convert parameters and buffers one by one, which breaks the views;
+        # copy the converted adapter values back into converted stacks and re-point the views.
+        super()._apply(fn, recurse)
+        with torch.no_grad():
+            for name, slot in self.slots.items():
+                r = self.ranks[name]
+                self.stack_A[slot, :r].copy_(self.lora_A[name].data)
+                self.stack_B[slot, :, :r].copy_(self.lora_B[name].data)
+        self._repoint()
+        return self
+
+    def add(self, name: str, slot: int, r: int, alpha: float, scaling: float, dropout: float, init: str) -> None:
+        """Allocate ``name`` at global ``slot`` with rank ``r`` and scale ``scaling``."""
+        if name in self.slots:
+            raise ValueError(f"adapter {name!r} already exists in this layer")
+        self._resize(slot + 1, r)
+        A = self.stack_A[slot, :r]
+        B = self.stack_B[slot, :, :r]
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(A, std=1.0 / r)
+            else:
+                # PEFT's default: Kaiming-uniform A, zero B (the adapter starts as the identity).
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            if init == "random":
+                nn.init.normal_(B, std=0.02)
+            else:
+                B.zero_()
+            self.scales[slot] = scaling
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(B)
+        self.slots[name], self.ranks[name] = slot, r
+        self.scaling[name], self.dropout[name] = scaling, dropout
+        self._name_of_slot[slot] = name
+
+    def remove(self, name: str) -> None:
+        """Free ``name``'s slot (zeroed so stale values can never be gathered)."""
+        if self.merged == name:
+            self.unmerge()
+        slot = self.slots.pop(name)
+        del self.lora_A[name], self.lora_B[name]
+        with torch.no_grad():
+            self.stack_A[slot].zero_()
+            self.stack_B[slot].zero_()
+            self.scales[slot] = 0
+        del self.ranks[name], self.scaling[name], self.dropout[name], self._name_of_slot[slot]
+
+    def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
+        """The parameters that make up ``name`` in this layer (as declared, not matched by name)."""
+        return {"lora_A": self.lora_A[name], "lora_B": self.lora_B[name]}
+
+    # ----------------------------------------------------------------- merging
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``s·B·A`` in the base weight's layout ((out, in) for Linear, (in, out) for Conv1D)."""
+        delta = (self.lora_B[name] @ self.lora_A[name]) * self.scaling[name]
+        return delta.T if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self, name: str, keep_original: bool = True) -> None:
+        """Fold ``name`` into the base weight. ``keep_original`` stores a copy so ``unmerge`` is exact."""
+        if self.merged == name:
+            return
+        if self.merged is not None:
+            raise RuntimeError(f"adapter {self.merged!r} is already merged here; unmerge() first")
+        w = self.base_layer.weight
+        self._original_weight = w.detach().clone() if keep_original else None
+        w.add_(self.delta_weight(name).to(w.dtype))
+        self.merged = name
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weight (bit-exact when merged with ``keep_original=True``)."""
+        if self.merged is None:
+            return
+        w = self.base_layer.weight
+        if self._original_weight is not None:
+            w.copy_(self._original_weight)
+        else:
+            w.sub_(self.delta_weight(self.merged).to(w.dtype))
+        self._original_weight, self.merged = None, None
+
+    # ----------------------------------------------------------------- forward
+    def _dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        return F.dropout(x, p, training=True) if (self.training and p > 0) else x
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if not self.slots:
+            return out
+        sel = self._route.lora
+        if isinstance(sel, int):
+            name = self._name_of_slot.get(sel)
+            if name is None or name == self.merged:
+                return out
+            A, B = self.lora_A[name], self.lora_B[name]
+            h = F.linear(self._dropout(x, self.dropout[name]), A.to(x.dtype))  # (..., r)
+            return out + F.linear(h, B.to(x.dtype)) * self.scaling[name]
+        rows = sel.for_batch(x.shape[0])
+        if self.merged is not None:
+            raise RuntimeError(
+                f"adapter {self.merged!r} is merged into the base weights, so rows routed to other adapters "
+                "would see its update too; call unmerge() before routing a mixed batch."
+            )
+        if self._route.strategy == "group":
+            return out + self._grouped(x, rows).to(out.dtype)
+        return out + self._gathered(x, rows).to(out.dtype)
+
+    def _gathered(self, x: torch.Tensor, rows: MixedRows) -> torch.Tensor:
+        """Gather each row's A/B, then two batched matmuls: cost independent of how many adapters."""
+        Bsz = x.shape[0]
+        x3 = x.reshape(Bsz, -1, self.in_features)  # (B, T, in)
+        needs_grad = torch.is_grad_enabled() and any(
+            self.lora_A[n].requires_grad for s in rows.uniq if (n := self._name_of_slot.get(s)) is not None
+        )
+        if needs_grad:
+            # Training: stack the used adapters' parameters (a few tasks per batch) so gradients
+            # flow to exactly those; rows of other slots gather zeros.
+            R = self.stack_A.shape[1]
+            A_u, B_u, s_u = [], [], []
+            for s in rows.uniq:
+                n = self._name_of_slot.get(s)
+                if n is None:
+                    A_u.append(self.stack_A.new_zeros(R, self.in_features))
+                    B_u.append(self.stack_B.new_zeros(self.out_features, R))
+                    s_u.append(0.0)
+                else:
+                    r = self.ranks[n]
+                    A_u.append(F.pad(self.lora_A[n], (0, 0, 0, R - r)))
+                    B_u.append(F.pad(self.lora_B[n], (0, R - r)))
+                    s_u.append(self.scaling[n])
+            A_rows = torch.stack(A_u)[rows.inv]  # (B, R, in)
+            B_rows = torch.stack(B_u)[rows.inv]  # (B, out, R)
+            s_rows = torch.tensor(s_u, device=x.device, dtype=x.dtype)[rows.inv]
+            p = max((self.dropout.get(self._name_of_slot.get(s, ""), 0.0) for s in rows.uniq), default=0.0)
+            x3 = self._dropout(x3, p)
+        else:
+            A_rows = self.stack_A[rows.idx]  # (B, R, in)
+            B_rows = self.stack_B[rows.idx]  # (B, out, R)
+            s_rows = self.scales[rows.idx]
+        h = torch.bmm(x3, A_rows.transpose(1, 2).to(x.dtype))  # (B, T, R)
+        h = h * s_rows.to(x.dtype).view(Bsz, 1, 1)
+        delta = torch.bmm(h, B_rows.transpose(1, 2).to(x.dtype))  # (B, T, out)
+        return delta.reshape(*x.shape[:-1], self.out_features)
+
+    def _grouped(self, x: torch.Tensor, rows: MixedRows) -> torch.Tensor:
+        """One matmul per distinct adapter over its rows (index, compute, scatter back)."""
+        delta = x.new_zeros(*x.shape[:-1], self.out_features)
+        for s in rows.uniq:
+            n = self._name_of_slot.get(s)
+            if n is None:
+                continue
+            sel = (rows.idx == s).nonzero(as_tuple=True)[0]
+            xs = self._dropout(x.index_select(0, sel), self.dropout[n])
+            h = F.linear(xs, self.lora_A[n].to(x.dtype))
+            delta.index_copy_(0, sel, F.linear(h, self.lora_B[n].to(x.dtype)) * self.scaling[n])
+        return delta
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, adapters={list(self.slots)}, merged={self.merged}"
+
+
+class LoraMethod:
+    """Owns every :class:`LoraLayer` of one model: target matching, wrapping, slots and routing.
+
+    Slots are global to the model (adapter ``n`` has the same slot in every layer), so a batch's
+    routing is computed once per call, not once per layer.
+    """
+
+    name = "lora"
+
+    def __init__(self, model: nn.Module, route: Route) -> None:
+        self.model, self.route = model, route
+        self.layers: dict[str, LoraLayer] = {}
+        self.slot: dict[str, int] = {}
+        self.targets: dict[str, list[str]] = {}
+        self._free: list[int] = []
+        self._next = 1  # slot 0 = no LoRA
+
+    # ---------------------------------------------------------------- targets
+    def _candidates(self) -> dict[str, nn.Module]:
+        out: dict[str, nn.Module] = {}
+        for path, module in self.model.named_modules():
+            if isinstance(module, LoraLayer):
+                out[path] = module
+            elif is_lora_target_type(module) and not path.endswith(".base_layer"):
+                out[path] = module
+        return out
+
+    def _match(self, config) -> list[str]:
+        from peft.tuners.tuners_utils import check_target_module_exists
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+        targets = config.targets
+        if targets is None:
+            model_type = getattr(self.model.config, "model_type", None)
+            targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+            if targets is None:
+                raise ValueError(
+                    f"LoraConfig.targets is None and there is no default for model type {model_type!r}: "
+                    "pass targets=(...) with module-name suffixes such as ('q_proj', 'v_proj')."
+                )
+        peft_cfg = config.to_peft(target_modules=targets)
+        candidates = self._candidates()
+        matched = [p for p in candidates if check_target_module_exists(peft_cfg, p) and not _excluded(p)]
+        if not matched:
+            import difflib
+
+            suffixes = sorted({p.rsplit(".", 1)[-1] for p in candidates})
+            wanted = [targets] if isinstance(targets, str) else list(targets)
+            near = sorted({m for t in wanted for m in difflib.get_close_matches(t, suffixes, n=3, cutoff=0.5)})
+            raise ValueError(
+                f"LoRA targets {wanted} match no Linear/Conv1D module of {type(self.model).__name__}. "
+                f"Near matches: {near or 'none'}. Module names that can be targeted: {suffixes}."
+            )
+        return matched
+
+    def _wrap(self, path: str) -> LoraLayer:
+        if path in self.layers:
+            return self.layers[path]
+        parent_path, _, child = path.rpartition(".")
+        parent = self.model.get_submodule(parent_path) if parent_path else self.model
+        layer = LoraLayer(getattr(parent, child), self.route)
+        setattr(parent, child, layer)
+        self.layers[path] = layer
+        return layer
+
+    # ---------------------------------------------------------------- adapters
+    def add(self, name: str, config) -> None:
+        from peft.utils.other import get_pattern_key
+
+        paths = self._match(config)
+        slot = self._free.pop() if self._free else self._next
+        self._next = max(self._next, slot + 1)
+        for path in paths:
+            r = config.rank_pattern.get(get_pattern_key(list(config.rank_pattern), path), config.r)
+            alpha = config.alpha_pattern.get(get_pattern_key(list(config.alpha_pattern), path), config.alpha)
+            self._wrap(path).add(name, slot, r, alpha, config.scaling(r, alpha), config.dropout, config.init)
+        self.slot[name], self.targets[name] = slot, paths
+
+    def remove(self, name: str) -> None:
+        for path in self.targets.pop(name):
+            self.layers[path].remove(name)
+        self._free.append(self.slot.pop(name))
+
+    def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
+        """``{"<module path>.lora_A": A, "<module path>.lora_B": B}`` for every targeted module."""
+        out = {}
+        for path in self.targets[name]:
+            for key, p in self.layers[path].adapter_params(name).items():
+                out[f"{path}.{key}"] = p
+        return out
+
+    def selection(self, names: list[str | None]) -> int | MixedRows:
+        """Turn one adapter name (or None) per row into this method's routing for the call."""
+        slots = [self.slot.get(n, 0) if n is not None else 0 for n in names]
+        first = slots[0]
+        if all(s == first for s in slots):
+            return first
+        uniq = sorted(set(slots))
+        pos = {s: i for i, s in enumerate(uniq)}
+        device = self._device()
+        return MixedRows(
+            idx=torch.tensor(slots, device=device),
+            uniq=uniq,
+            inv=torch.tensor([pos[s] for s in slots], device=device),
+        )
+
+    def _device(self) -> torch.device:
+        layer = next(iter(self.layers.values()), None)
+        return layer.stack_A.device if layer is not None else torch.device("cpu")
+
+    def merge(self, name: str, keep_original: bool = True) -> None:
+        for path in self.targets[name]:
+            self.layers[path].merge(name, keep_original)
+
+    def unmerge(self) -> None:
+        for layer in self.layers.values():
+            layer.unmerge()
+
+    def merged(self) -> str | None:
+        return next((layer.merged for layer in self.layers.values() if layer.merged), None)
+
+
+def _excluded(path: str) -> bool:
+    # Never wrap modules of our own heads (they live beside the base model, not in it).
+    return path.startswith("heads.")

@@ -1,0 +1,280 @@
+"""Prefix bank: per-adapter key/value prefixes, routed per row inside every self-attention layer.
+
+PEFT injects prefixes through ``past_key_values``, which gives one prefix for the whole batch and mixes
+them into the KV cache. We instead register an attention function with transformers'
+``AttentionInterface`` that prepends each row's own prefix (padded to the longest prefix in the batch,
+masked per row) to the keys and values, then calls transformers' SDPA attention. The KV cache holds only
+real tokens, so the same path serves training, a forward pass and ``generate`` with a cache, and rows
+with different prefixes (or none) share one batch. Semantics follow PEFT exactly (prefix keys are not
+rotated, real-token positions start at P), so PEFT-trained prefixes behave identically here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..routing import Route
+
+__all__ = ["ATTN_IMPLEMENTATION", "PrefixBank", "PrefixContext", "PrefixSelection", "attention_geometry", "find_self_attention"]
+
+ATTN_IMPLEMENTATION = "adapters_mtl_sdpa"
+
+
+def _register_attention() -> None:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    def routed_sdpa(module, query, key, value, attention_mask, **kwargs):
+        bank = getattr(module, "_amtl_bank", None)
+        ctx = bank._ctx if bank is not None else None
+        if ctx is None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        B, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
+        pk, pv, pmask = ctx.layer(module._amtl_layer, B)  # (B, Hkv, P, D) x2, (B, P)
+        is_causal = kwargs.pop("is_causal", None)
+        if attention_mask is None:
+            causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+            base = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device)
+            if causal and q_len > 1:
+                base = base.tril(kv_len - q_len)  # query i sees keys j <= i + (kv_len - q_len)
+            base = base.view(1, 1, q_len, kv_len)
+        else:
+            if attention_mask.dtype != torch.bool:
+                raise RuntimeError(f"prefix routing expects a boolean SDPA mask, got {attention_mask.dtype}")
+            base = attention_mask[..., :kv_len]
+        base = base.expand(B, 1, q_len, kv_len)
+        mask = torch.cat([pmask.view(B, 1, 1, -1).expand(B, 1, q_len, pmask.shape[1]), base], dim=-1)
+        key = torch.cat([pk.to(key.dtype), key], dim=2)
+        value = torch.cat([pv.to(value.dtype), value], dim=2)
+        return sdpa_attention_forward(module, query, key, value, mask, is_causal=False, **kwargs)
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, routed_sdpa)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def attention_geometry(config) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) of a transformers config, as PEFT computes them for prefixes."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    if not (layers and heads and hidden):
+        raise ValueError(f"cannot read layers/heads/hidden size from {type(cfg).__name__} for prefix tuning")
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    return layers, kv_heads, head_dim
+
+
+def find_self_attention(model: nn.Module, num_layers: int) -> list[nn.Module]:
+    """The self-attention module of each layer, in layer order.
+
+    Raises:
+        ValueError: if the architecture does not expose one self-attention module per layer with a
+            ``layer_idx`` (the transformers AttentionInterface convention), or cannot switch attention.
+    """
+    found: dict[int, nn.Module] = {}
+    for module in model.modules():
+        idx = getattr(module, "layer_idx", None)
+        cls = type(module).__name__
+        if (
+            isinstance(idx, int)
+            and cls.endswith("Attention")
+            and "Cross" not in cls
+            and not getattr(module, "is_cross_attention", False)
+            and hasattr(module, "config")
+        ):
+            found.setdefault(idx, module)
+    supported = getattr(model, "_supports_sdpa", False) and model._can_set_attn_implementation()
+    if sorted(found) != list(range(num_layers)) or not supported:
+        raise ValueError(
+            f"prefix tuning is not supported on {type(model).__name__}: expected one self-attention module per "
+            f"layer (layers 0..{num_layers - 1}) using transformers' AttentionInterface with SDPA support, found "
+            f"layers {sorted(found)}. Supported families include BERT, Llama/SmolLM2, GPT-2; use LoRA for this model."
+        )
+    return [found[i] for i in range(num_layers)]
+
+
+class _PrefixParams(nn.Module):
+    """One adapter's prefix: ``embedding`` (P, L·2·H·D), or (P, H·D) plus an MLP ``transform``."""
+
+    def __init__(self, P: int, kv_dim: int, layers: int, projection: bool, hidden: int | None, std: float):
+        super().__init__()
+        out = layers * 2 * kv_dim
+        self.embedding = nn.Embedding(P, kv_dim if projection else out)
+        nn.init.normal_(self.embedding.weight, std=std)
+        self.transform = (
+            nn.Sequential(nn.Linear(kv_dim, hidden or kv_dim), nn.Tanh(), nn.Linear(hidden or kv_dim, out))
+            if projection
+            else None
+        )
+
+    def kv(self) -> torch.Tensor:
+        """(P, L·2·H·D): per layer l, key = block 2l, value = block 2l+1 (PEFT's layout)."""
+        w = self.embedding.weight
+        return self.transform(w) if self.transform is not None else w
+
+
+@dataclass
+class PrefixContext:
+    """The prefixes of one routed call.
+
+    Attributes:
+        kv: (B, P, L, 2, H, D) each row's prefix keys/values, zero-padded to the longest prefix P.
+        mask: (B, P) True where the row's prefix has a token.
+        lengths: (B,) each row's prefix length (real-token positions are offset by it).
+    """
+
+    kv: torch.Tensor
+    mask: torch.Tensor
+    lengths: torch.Tensor
+
+    def layer(self, i: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if n != self.kv.shape[0]:
+            raise RuntimeError(f"prefixes were built for {self.kv.shape[0]} rows but attention received {n}")
+        layer = self.kv[:, :, i]  # (B, P, 2, H, D)
+        return layer[:, :, 0].transpose(1, 2), layer[:, :, 1].transpose(1, 2), self.mask
+
+
+class PrefixBank(nn.Module):
+    """All prefix adapters of one model, plus the hooks that route them.
+
+    Args:
+        model: the wrapped transformers model (switched to the routed SDPA attention).
+        route: the owning model's shared :class:`Route`.
+    """
+
+    def __init__(self, model: nn.Module, route: Route) -> None:
+        super().__init__()
+        self.layers, self.kv_heads, self.head_dim = attention_geometry(model.config)
+        attn = find_self_attention(model, self.layers)
+        _register_attention()
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        for i, module in enumerate(attn):
+            object.__setattr__(module, "_amtl_bank", self)
+            object.__setattr__(module, "_amtl_layer", i)
+        self.prefixes = nn.ModuleDict()
+        self._ctx: PrefixContext | None = None  # the prefixes of the backbone call in progress
+        object.__setattr__(self, "_route", route)
+        object.__setattr__(self, "_model", model)
+        # The context is built once per backbone call from the current parameters (so training and a
+        # plain call after activate() both see fresh values) and dropped when the call ends.
+        backbone = getattr(model, "base_model", model)
+        backbone.register_forward_pre_hook(self._begin_call, with_kwargs=True)
+        backbone.register_forward_hook(self._end_call, always_call=True)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def add(self, name: str, P: int, projection: bool, hidden: int | None, std: float) -> None:
+        ref = next(self._model.parameters())
+        module = _PrefixParams(P, self.kv_dim, self.layers, projection, hidden, std)
+        self.prefixes[name] = module.to(ref.device)
+
+    def remove(self, name: str) -> None:
+        del self.prefixes[name]
+
+    def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
+        return dict(self.prefixes[name].named_parameters())
+
+    def context(self, names: list[str | None], device: torch.device, dtype: torch.dtype) -> PrefixContext | None:
+        """Build the per-row prefixes for ``names`` (one adapter name or None per row); None if no row has one."""
+        uniq = sorted({n for n in names if n is not None})
+        if not uniq:
+            return None
+        kvs = {n: self.prefixes[n].kv() for n in uniq}  # each (P_n, L*2*H*D)
+        P = max(v.shape[0] for v in kvs.values())
+        L, H, D = self.layers, self.kv_heads, self.head_dim
+        lengths = [kvs[n].shape[0] if n is not None else 0 for n in names]
+        if len(uniq) == 1 and all(n is not None for n in names):
+            kv = kvs[uniq[0]].unsqueeze(0).expand(len(names), -1, -1)
+        else:
+            padded = [torch.nn.functional.pad(kvs[n], (0, 0, 0, P - kvs[n].shape[0])) for n in uniq]
+            table = torch.stack([torch.zeros_like(padded[0])] + padded)  # (U+1, P, L*2*H*D), row 0 = none
+            pos = {n: i + 1 for i, n in enumerate(uniq)}
+            index = torch.tensor([pos[n] if n is not None else 0 for n in names], device=table.device)
+            kv = table[index]
+        lengths_t = torch.tensor(lengths, device=device)
+        mask = torch.arange(P, device=device).unsqueeze(0) < lengths_t.unsqueeze(1)
+        kv = kv.to(device=device, dtype=dtype).reshape(len(names), P, L, 2, H, D)
+        return PrefixContext(kv=kv, mask=mask, lengths=lengths_t)
+
+    def _begin_call(self, module, args, kwargs):
+        sel = self._route.prefix
+        if not isinstance(sel, PrefixSelection):
+            self._ctx = None
+            return None
+        ref = kwargs.get("input_ids")
+        if ref is None:
+            ref = args[0] if args else kwargs.get("inputs_embeds")
+        if ref is None:
+            raise ValueError("prefix routing needs input_ids or inputs_embeds in the backbone call")
+        B, T = ref.shape[0], ref.shape[1]
+        names = sel.rows(B)
+        w = next(self._model.parameters())
+        self._ctx = self.context(names, ref.device, w.dtype)
+        # Real tokens sit after the prefix (positions start at P, as in PEFT); done on the backbone so
+        # that generate(), which calls the base model directly, gets it too.
+        off = self._ctx.lengths
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+            pos = torch.arange(past, past + T, device=ref.device).unsqueeze(0)
+        kwargs["position_ids"] = pos + off.unsqueeze(1)
+        return args, kwargs
+
+    def _end_call(self, module, args, output):
+        self._ctx = None
+
+
+@dataclass(frozen=True)
+class PrefixSelection:
+    """Which prefix each row uses: ``uniform`` for all rows, or one name/None per row in ``names``."""
+
+    uniform: str | None = None
+    names: tuple[str | None, ...] | None = None
+
+    def rows(self, n: int) -> list[str | None]:
+        if self.names is None:
+            return [self.uniform] * n
+        if n == len(self.names):
+            return list(self.names)
+        if n % len(self.names):
+            raise RuntimeError(f"routed batch has {len(self.names)} rows but the model received {n}")
+        k = n // len(self.names)
+        return [name for name in self.names for _ in range(k)]
+
+
+class PrefixMethod:
+    """The prefix method behind the same interface as :class:`~adapters_mtl.methods.lora.LoraMethod`."""
+
+    name = "prefix"
+
+    def __init__(self, model: nn.Module, route: Route) -> None:
+        self.model, self.route = model, route
+        self.bank = PrefixBank(model, route)
+        self.lengths: dict[str, int] = {}
+
+    def add(self, name: str, config) -> None:
+        self.bank.add(name, config.num_virtual_tokens, config.projection, config.encoder_hidden_size, config.init_std)
+        self.lengths[name] = config.num_virtual_tokens
+
+    def remove(self, name: str) -> None:
+        self.bank.remove(name)
+        del self.lengths[name]
+
+    def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
+        return {f"prefix.{k}": p for k, p in self.bank.adapter_params(name).items()}
+
+    def selection(self, names: list[str | None]) -> PrefixSelection | None:
+        rows = [n if n in self.lengths else None for n in names]
+        if all(n is None for n in rows):
+            return None
+        if all(n == rows[0] for n in rows):
+            return PrefixSelection(uniform=rows[0])
+        return PrefixSelection(names=tuple(rows))

@@ -1,0 +1,348 @@
+"""AdapterModel: a frozen transformers model with many named adapters, routed per row.
+
+``model(**batch, adapters=["news", None, "sentiment", ...])`` runs every row with its own adapter (or
+the bare base for ``None``) in one batch; training and inference use this same call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import HeadConfig, LoraConfig, PrefixConfig, to_native, validate_name
+from .heads import Head, HeadOutput
+from .methods import get_method
+from .routing import Route
+
+__all__ = ["AdapterModel", "AdapterOutput"]
+
+_UNSET = object()
+
+
+@dataclass
+class AdapterOutput:
+    """Output of a call in which at least one row's adapter has a head.
+
+    Attributes:
+        last_hidden_state: (B, T, H) the backbone's hidden states.
+        heads: ``{adapter name: HeadOutput(rows, logits)}`` for each adapter with a head in the batch.
+        row_logits: one logits tensor per row ((K,) or (T, K)); ``None`` for rows without a head.
+    """
+
+    last_hidden_state: torch.Tensor
+    heads: dict[str, HeadOutput] = field(default_factory=dict)
+    row_logits: list[torch.Tensor | None] = field(default_factory=list)
+
+
+class AdapterModel(nn.Module):
+    """Wrap and freeze a transformers model; attach, route, merge and train named adapters.
+
+    Args:
+        base: a loaded ``transformers`` model (encoder such as BERT/MiniLM, or decoder such as
+            Llama/SmolLM2/GPT-2; bare or with its task head). Every parameter it has is frozen.
+
+    Example:
+        >>> model = AdapterModel(AutoModel.from_pretrained(path))
+        >>> model.add_adapter("news", LoraConfig(r=8), head=HeadConfig(num_labels=5))
+        >>> model.add_adapter("tone", PrefixConfig(num_virtual_tokens=8), head=HeadConfig(num_labels=3))
+        >>> out = model(**batch, adapters=["news", "tone", None])
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.heads = nn.ModuleDict()
+        self._route = Route()
+        self._methods: dict[str, Any] = {}
+        self._configs: dict[str, tuple[LoraConfig | PrefixConfig, ...]] = {}
+        self._head_configs: dict[str, HeadConfig] = {}
+        self._active: str | None = None
+        self._default_selection: dict[str, dict[str, object]] = {}
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def config(self):
+        """The base model's config."""
+        return self.base.config
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Names of the attached adapters, in the order they were added."""
+        return list(self._configs)
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._active
+
+    def adapter_config(self, name: str) -> tuple[LoraConfig | PrefixConfig, ...]:
+        """The native configs of ``name`` (one per method)."""
+        self._check_known([name])
+        return self._configs[name]
+
+    def head_config(self, name: str) -> HeadConfig | None:
+        return self._head_configs.get(name)
+
+    def add_adapter(self, name: str, config: Any, head: HeadConfig | None = None, trainable: bool = True) -> None:
+        """Attach a new adapter.
+
+        Args:
+            name: unique adapter name (letters, digits, ``_``, ``-``).
+            config: ``LoraConfig``, ``PrefixConfig``, ``peft.LoraConfig``, ``peft.PrefixTuningConfig``,
+                or a list of one LoRA and one prefix config (a LoRA+prefix adapter).
+            head: an optional task head for this adapter.
+            trainable: whether the new parameters require grad.
+
+        Raises:
+            ValueError: duplicate name, bad config, targets that match nothing (near matches listed),
+                prefix tuning on an unsupported architecture. Nothing is attached on error.
+        """
+        validate_name(name)
+        if name in self._configs:
+            raise ValueError(f"adapter {name!r} already exists; remove_adapter({name!r}) first or pick another name")
+        configs = to_native(config)
+        done = []
+        try:
+            for cfg in configs:
+                method = self._method(cfg.method)
+                method.add(name, cfg)
+                done.append(method)
+            if head is not None:
+                self.heads[name] = self._make_head(head)
+                self._head_configs[name] = head
+        except Exception:
+            for method in done:
+                method.remove(name)
+            raise
+        self._configs[name] = configs
+        ref = next(self.base.parameters())
+        for p in self.adapter_parameters(name).values():
+            if p.device != ref.device:
+                p.data = p.data.to(ref.device)
+            p.requires_grad_(trainable)
+
+    def remove_adapter(self, name: str) -> None:
+        """Detach ``name`` and free its memory (unmerging it first if it is merged)."""
+        self._check_known([name])
+        if self.merged_adapter == name:
+            self.unmerge()
+        for cfg in self._configs.pop(name):
+            self._methods[cfg.method].remove(name)
+        if name in self.heads:
+            del self.heads[name]
+            del self._head_configs[name]
+        self._default_selection.pop(name, None)
+        if self._active == name:
+            self.activate(None)
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """Every parameter of ``name`` (all methods and its head), keyed by a stable qualified name."""
+        self._check_known([name]) if name not in self.heads else None
+        out: dict[str, nn.Parameter] = {}
+        for cfg in self._configs.get(name, ()):
+            out.update(self._methods[cfg.method].adapter_params(name))
+        if name in self.heads:
+            out.update({f"heads.{name}.{k}": p for k, p in self.heads[name].named_parameters()})
+        return out
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters that require grad (adapters and heads only: the base is frozen)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def set_trainable(self, name: str, trainable: bool = True) -> None:
+        for p in self.adapter_parameters(name).values():
+            p.requires_grad_(trainable)
+
+    def activate(self, name: str | None) -> None:
+        """Use ``name`` (or the bare base for ``None``) for plain calls without ``adapters=``.
+
+        O(1): one dict look-up and one assignment per method, whatever the number of adapters/layers.
+        """
+        if name is not None and name not in self._configs:
+            self._check_known([name])
+        merged = self.merged_adapter
+        if merged is not None and name != merged:
+            raise RuntimeError(
+                f"adapter {merged!r} is merged into the base weights; unmerge() before activating {name!r}"
+            )
+        sel = self._default_selection.get(name)
+        if sel is None:
+            sel = self._selections([name])
+            self._default_selection[name] = sel
+        self._route.set_default(sel)
+        self._active = name
+
+    # ------------------------------------------------------------------ merging
+    @property
+    def merged_adapter(self) -> str | None:
+        m = self._methods.get("lora")
+        return m.merged() if m is not None else None
+
+    def merge(self, name: str, keep_original: bool = True) -> None:
+        """Fold ``name``'s LoRA into the base weights (W' = W + s·B·A) and activate it.
+
+        Merging the merged adapter again is a no-op. While merged, only ``name`` (or its prefix part)
+        can be used; ``unmerge()`` restores the weights (bit-exact with ``keep_original=True``).
+
+        Raises:
+            ValueError: ``name`` has no LoRA part. RuntimeError: another adapter is merged.
+        """
+        self._check_known([name])
+        if not any(c.method == "lora" for c in self._configs[name]):
+            raise ValueError(f"adapter {name!r} has no LoRA part to merge (methods: {self._method_names(name)})")
+        merged = self.merged_adapter
+        if merged == name:
+            return
+        if merged is not None:
+            raise RuntimeError(f"adapter {merged!r} is already merged; unmerge() first")
+        self._methods["lora"].merge(name, keep_original)
+        self.activate(name)
+
+    def unmerge(self) -> None:
+        """Restore the base weights after :meth:`merge`."""
+        if "lora" in self._methods:
+            self._methods["lora"].unmerge()
+
+    # ------------------------------------------------------------------ calls
+    @contextmanager
+    def routed(self, adapters: str | Sequence[str | None] | None, batch_size: int) -> Iterator[list[str | None]]:
+        """Route every call inside the block (e.g. a custom loop calling ``model.base`` directly).
+
+        Raises:
+            ValueError / KeyError: wrong number of entries, unknown names (all listed at once).
+        """
+        names = self._row_names(adapters, batch_size)
+        with self._route.scoped(self._selections(names)):
+            yield names
+
+    def forward(self, *args: Any, adapters: Any = _UNSET, **kwargs: Any):
+        """Run the base model with per-row adapters.
+
+        Args:
+            adapters: one adapter name (or ``None``) per row, a single name for every row, or omitted
+                to use the active adapter. Rows must be in batch order.
+            *args, **kwargs: the base model's usual inputs (``input_ids``, ``attention_mask``, ...).
+
+        Returns:
+            The base model's output when no routed adapter has a head, else an :class:`AdapterOutput`.
+        """
+        B = _batch_size(args, kwargs)
+        names = [self._active] * B if adapters is _UNSET else None
+        if names is None:
+            with self.routed(adapters, B) as names:
+                return self._call(names, args, kwargs)
+        return self._call(names, args, kwargs)
+
+    def generate(self, *args: Any, adapters: Any = _UNSET, **kwargs: Any):
+        """``base.generate`` with per-row adapters (LoRA and prefix, KV cache included)."""
+        if adapters is _UNSET:
+            return self.base.generate(*args, **kwargs)
+        with self.routed(adapters, _batch_size(args, kwargs)):
+            return self.base.generate(*args, **kwargs)
+
+    def _call(self, names: list[str | None], args, kwargs):
+        with_head = [n for n in dict.fromkeys(names) if n is not None and n in self.heads]
+        if not with_head:
+            return self.base(*args, **kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if k != "labels"}
+        out = self._backbone()(*args, **kwargs)
+        hidden = out.last_hidden_state
+        pooled = getattr(out, "pooler_output", None)
+        mask = kwargs.get("attention_mask")
+        result = AdapterOutput(last_hidden_state=hidden, row_logits=[None] * len(names))
+        for name in with_head:
+            rows_list = [i for i, n in enumerate(names) if n == name]
+            rows = torch.tensor(rows_list, device=hidden.device)
+            logits = self.heads[name](
+                hidden.index_select(0, rows),
+                mask.index_select(0, rows) if mask is not None else None,
+                pooled.index_select(0, rows) if pooled is not None else None,
+            )
+            result.heads[name] = HeadOutput(rows=rows, logits=logits)
+            for j, i in enumerate(rows_list):
+                result.row_logits[i] = logits[j]
+        return result
+
+    # ------------------------------------------------------------------ internals
+    def _method(self, method_name: str):
+        if method_name not in self._methods:
+            self._methods[method_name] = get_method(method_name)(self.base, self._route)
+            self._default_selection.clear()
+        return self._methods[method_name]
+
+    def _method_names(self, name: str) -> list[str]:
+        return [c.method for c in self._configs[name]]
+
+    def _selections(self, names: list[str | None]) -> dict[str, object]:
+        return {m: method.selection(names) for m, method in self._methods.items()}
+
+    def _backbone(self) -> nn.Module:
+        return getattr(self.base, "base_model", self.base)
+
+    def _make_head(self, head: HeadConfig) -> Head:
+        if not isinstance(head, HeadConfig):
+            raise TypeError(f"head must be an adapters_mtl.HeadConfig, got {type(head).__name__}")
+        cfg = self.base.config.get_text_config() if hasattr(self.base.config, "get_text_config") else self.base.config
+        hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
+        pooling = head.pooling
+        if pooling == "auto":
+            backbone = self._backbone()
+            if getattr(backbone, "pooler", None) is not None:
+                pooling = "pooler"
+            else:
+                pooling = "last" if self._is_causal() else "cls"
+        ref = next(self.base.parameters())
+        return Head(head, hidden, pooling).to(device=ref.device, dtype=ref.dtype)
+
+    def _is_causal(self) -> bool:
+        return any(getattr(m, "is_causal", False) and hasattr(m, "layer_idx") for m in self.base.modules())
+
+    def _check_known(self, names: Sequence[str | None]) -> None:
+        unknown = sorted({n for n in names if n is not None and n not in self._configs})
+        if unknown:
+            raise KeyError(
+                f"unknown adapter(s) {unknown}; attached adapters: {self.adapter_names or 'none'}. "
+                "Add it with add_adapter(name, config) or check the spelling."
+            )
+
+    def _row_names(self, adapters: Any, batch_size: int) -> list[str | None]:
+        if adapters is None or isinstance(adapters, str):
+            names = [adapters] * batch_size
+        elif isinstance(adapters, (list, tuple)):
+            names = list(adapters)
+            if len(names) != batch_size:
+                raise ValueError(
+                    f"adapters has {len(names)} entries but the batch has {batch_size} rows: pass one adapter "
+                    "name (or None for the bare base model) per row, or a single name for every row."
+                )
+            bad = [(i, a) for i, a in enumerate(names) if a is not None and not isinstance(a, str)]
+            if bad:
+                raise TypeError(f"adapters entries must be str or None; got {bad[:5]} (row, value)")
+        else:
+            raise TypeError(f"adapters must be a name, None, or a list of names/None per row; got {type(adapters).__name__}")
+        self._check_known(names)
+        merged = self.merged_adapter
+        if merged is not None and any(n != merged for n in names):
+            raise RuntimeError(
+                f"adapter {merged!r} is merged into the base weights; rows routed to {sorted({str(n) for n in names if n != merged})} "
+                "would see its update too. unmerge() before routing other adapters."
+            )
+        return names
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names}, active={self._active!r}, merged={self.merged_adapter!r}"
+
+
+def _batch_size(args, kwargs) -> int:
+    for key in ("input_ids", "inputs_embeds"):
+        if kwargs.get(key) is not None:
+            return kwargs[key].shape[0]
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0].shape[0]
+    raise ValueError("cannot infer the batch size: pass input_ids or inputs_embeds")
