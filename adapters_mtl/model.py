@@ -59,6 +59,8 @@ class AdapterModel(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         self.heads = nn.ModuleDict()
+        # Methods that keep their parameters outside the base model (prefix) register them here.
+        self.method_modules = nn.ModuleDict()
         self._route = Route()
         self._methods: dict[str, Any] = {}
         self._configs: dict[str, tuple[LoraConfig | PrefixConfig, ...]] = {}
@@ -272,7 +274,10 @@ class AdapterModel(nn.Module):
     # ------------------------------------------------------------------ internals
     def _method(self, method_name: str):
         if method_name not in self._methods:
-            self._methods[method_name] = get_method(method_name)(self.base, self._route)
+            method = get_method(method_name)(self.base, self._route)
+            if isinstance(getattr(method, "module", None), nn.Module):
+                self.method_modules[method_name] = method.module
+            self._methods[method_name] = method
             self._default_selection.clear()
         return self._methods[method_name]
 

@@ -258,6 +258,7 @@ class PrefixMethod:
     def __init__(self, model: nn.Module, route: Route) -> None:
         self.model, self.route = model, route
         self.bank = PrefixBank(model, route)
+        self.module = self.bank  # registered by the model, so prefixes are its parameters
         self.lengths: dict[str, int] = {}
 
     def add(self, name: str, config) -> None:
