@@ -181,7 +181,9 @@ class PrefixConfig:
         """The equivalent ``peft.PrefixTuningConfig``."""
         import peft
 
-        kw: dict[str, Any] = dict(num_virtual_tokens=self.num_virtual_tokens, prefix_projection=self.projection)
+        kw: dict[str, Any] = dict(
+            num_virtual_tokens=self.num_virtual_tokens, prefix_projection=self.projection
+        )
         if self.encoder_hidden_size is not None:
             kw["encoder_hidden_size"] = self.encoder_hidden_size
         return peft.PrefixTuningConfig(**kw, **extra)
@@ -270,5 +272,7 @@ def to_native(config: Any) -> tuple[LoraConfig | PrefixConfig, ...]:
             )
     methods = [c.method for c in out]
     if not out or len(set(methods)) != len(methods):
-        raise ValueError(f"an adapter takes one config per method (at most one LoRA and one prefix), got {methods}")
+        raise ValueError(
+            f"an adapter takes one config per method (at most one LoRA and one prefix), got {methods}"
+        )
     return tuple(out)

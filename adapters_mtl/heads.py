@@ -12,7 +12,9 @@ from .config import HeadConfig
 __all__ = ["Head", "HeadOutput", "pool"]
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str, pooled: torch.Tensor | None) -> torch.Tensor:
+def pool(
+    hidden: torch.Tensor, mask: torch.Tensor | None, how: str, pooled: torch.Tensor | None
+) -> torch.Tensor:
     """One vector per row from (R, T, H) hidden states.
 
     Args:
@@ -23,7 +25,9 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str, pooled: torc
     """
     if how == "pooler":
         if pooled is None:
-            raise ValueError("pooling='pooler' but the base model has no pooler output; use 'cls', 'mean' or 'last'")
+            raise ValueError(
+                "pooling='pooler' but the base model has no pooler output; use 'cls', 'mean' or 'last'"
+            )
         return pooled
     if how == "cls":
         return hidden[:, 0]
@@ -47,7 +51,9 @@ class Head(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.classifier = nn.Linear(hidden_size, config.num_labels)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, pooled: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None, pooled: torch.Tensor | None
+    ) -> torch.Tensor:
         """(R, T, H) → (R, K) for sequence heads, (R, T, K) for token classification."""
         if self.config.kind == "token_cls":
             return self.classifier(self.dropout(hidden))

@@ -27,7 +27,9 @@ def to_peft_state_dict(model: AdapterModel, name: str) -> dict[str, torch.Tensor
             out[f"{_PEFT_PREFIX}{key}.weight"] = p.detach().contiguous().clone()
     if "prefix" in {c.method for c in model.adapter_config(name)}:
         with torch.no_grad():
-            out["prompt_embeddings"] = model._methods["prefix"].bank.prefixes[name].kv().detach().contiguous().clone()
+            out["prompt_embeddings"] = (
+                model._methods["prefix"].bank.prefixes[name].kv().detach().contiguous().clone()
+            )
     return out
 
 
@@ -50,7 +52,9 @@ def load_peft_state_dict(model: AdapterModel, name: str, state: dict[str, torch.
                 continue
             module = prefix.bank.prefixes[name]
             if module.transform is not None:
-                problems.append("prompt_embeddings is the projected (inference) form; add the adapter with projection=False")
+                problems.append(
+                    "prompt_embeddings is the projected (inference) form; add the adapter with projection=False"
+                )
                 continue
             target = module.embedding.weight
             seen.add("prompt_embeddings")
@@ -62,7 +66,9 @@ def load_peft_state_dict(model: AdapterModel, name: str, state: dict[str, torch.
             target = params[native]
             seen.add(native)
         if tuple(target.shape) != tuple(tensor.shape):
-            problems.append(f"{key}: shape {tuple(tensor.shape)} but the adapter expects {tuple(target.shape)}")
+            problems.append(
+                f"{key}: shape {tuple(tensor.shape)} but the adapter expects {tuple(target.shape)}"
+            )
             continue
         plan.append((target, tensor))
     expected = {k for k in params if k.endswith((".lora_A", ".lora_B"))}

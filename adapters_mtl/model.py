@@ -91,7 +91,9 @@ class AdapterModel(nn.Module):
     def head_config(self, name: str) -> HeadConfig | None:
         return self._head_configs.get(name)
 
-    def add_adapter(self, name: str, config: Any, head: HeadConfig | None = None, trainable: bool = True) -> None:
+    def add_adapter(
+        self, name: str, config: Any, head: HeadConfig | None = None, trainable: bool = True
+    ) -> None:
         """Attach a new adapter.
 
         Args:
@@ -107,7 +109,9 @@ class AdapterModel(nn.Module):
         """
         validate_name(name)
         if name in self._configs:
-            raise ValueError(f"adapter {name!r} already exists; remove_adapter({name!r}) first or pick another name")
+            raise ValueError(
+                f"adapter {name!r} already exists; remove_adapter({name!r}) first or pick another name"
+            )
         configs = to_native(config)
         done = []
         try:
@@ -197,7 +201,9 @@ class AdapterModel(nn.Module):
         """
         self._check_known([name])
         if not any(c.method == "lora" for c in self._configs[name]):
-            raise ValueError(f"adapter {name!r} has no LoRA part to merge (methods: {self._method_names(name)})")
+            raise ValueError(
+                f"adapter {name!r} has no LoRA part to merge (methods: {self._method_names(name)})"
+            )
         merged = self.merged_adapter
         if merged == name:
             return
@@ -213,7 +219,9 @@ class AdapterModel(nn.Module):
 
     # ------------------------------------------------------------------ calls
     @contextmanager
-    def routed(self, adapters: str | Sequence[str | None] | None, batch_size: int) -> Iterator[list[str | None]]:
+    def routed(
+        self, adapters: str | Sequence[str | None] | None, batch_size: int
+    ) -> Iterator[list[str | None]]:
         """Route every call inside the block (e.g. a custom loop calling ``model.base`` directly).
 
         Raises:
@@ -293,8 +301,12 @@ class AdapterModel(nn.Module):
     def _make_head(self, head: HeadConfig) -> Head:
         if not isinstance(head, HeadConfig):
             raise TypeError(f"head must be an adapters_mtl.HeadConfig, got {type(head).__name__}")
-        cfg = self.base.config.get_text_config() if hasattr(self.base.config, "get_text_config") else self.base.config
-        hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
+        cfg = (
+            self.base.config.get_text_config()
+            if hasattr(self.base.config, "get_text_config")
+            else self.base.config
+        )
+        hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
         pooling = head.pooling
         if pooling == "auto":
             backbone = self._backbone()
@@ -330,7 +342,9 @@ class AdapterModel(nn.Module):
             if bad:
                 raise TypeError(f"adapters entries must be str or None; got {bad[:5]} (row, value)")
         else:
-            raise TypeError(f"adapters must be a name, None, or a list of names/None per row; got {type(adapters).__name__}")
+            raise TypeError(
+                f"adapters must be a name, None, or a list of names/None per row; got {type(adapters).__name__}"
+            )
         self._check_known(names)
         merged = self.merged_adapter
         if merged is not None and any(n != merged for n in names):

@@ -12,8 +12,14 @@ def _bert():
     from transformers import BertConfig, BertModel
 
     cfg = BertConfig(
-        vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-        max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=120,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
         attn_implementation="sdpa",
     )
     return BertModel(cfg)
@@ -23,9 +29,17 @@ def _llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=48, max_position_embeddings=128, attn_implementation="sdpa",
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=120,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=128,
+        attn_implementation="sdpa",
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return LlamaForCausalLM(cfg)
 
@@ -34,15 +48,29 @@ def _gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(
-        vocab_size=120, n_embd=32, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, attn_implementation="sdpa", pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=120,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation="sdpa",
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return GPT2LMHeadModel(cfg)
 
 
 FAMILIES = {"bert": _bert, "llama": _llama, "gpt2": _gpt2}
 # Targets with different ranks per family exercise per-module ranks too.
-LORA_TARGETS = {"bert": ("query", "value", "dense"), "llama": ("q_proj", "v_proj", "down_proj"), "gpt2": ("c_attn", "c_fc")}
+LORA_TARGETS = {
+    "bert": ("query", "value", "dense"),
+    "llama": ("q_proj", "v_proj", "down_proj"),
+    "gpt2": ("c_attn", "c_fc"),
+}
 
 
 def tiny(family: str, seed: int = 0):

@@ -18,8 +18,14 @@ def test_mixed_heads_each_row_uses_its_own_head(family):
     model = AdapterModel(tiny(family))
     torch.manual_seed(3)
     model.add_adapter("topic", _lora(family), head=HeadConfig(kind="seq_cls", num_labels=5, pooling="mean"))
-    model.add_adapter("score", PrefixConfig(num_virtual_tokens=4), head=HeadConfig(kind="regression", num_labels=1))
-    model.add_adapter("tags", [_lora(family, 2), PrefixConfig(num_virtual_tokens=2)], head=HeadConfig(kind="token_cls", num_labels=3))
+    model.add_adapter(
+        "score", PrefixConfig(num_virtual_tokens=4), head=HeadConfig(kind="regression", num_labels=1)
+    )
+    model.add_adapter(
+        "tags",
+        [_lora(family, 2), PrefixConfig(num_virtual_tokens=2)],
+        head=HeadConfig(kind="token_cls", num_labels=3),
+    )
     model.add_adapter("plain", _lora(family))  # no head
     model.eval()
     names = ["topic", "score", "tags", "plain", "topic", None]
@@ -27,7 +33,12 @@ def test_mixed_heads_each_row_uses_its_own_head(family):
     with torch.no_grad():
         out = model(**inputs, adapters=names)
         assert [tuple(x.shape) if x is not None else None for x in out.row_logits] == [
-            (5,), (1,), (8, 3), None, (5,), None
+            (5,),
+            (1,),
+            (8, 3),
+            None,
+            (5,),
+            None,
         ]
         assert out.heads["topic"].rows.tolist() == [0, 4]
         for i, name in enumerate(names):
@@ -44,7 +55,13 @@ def test_routed_generate_equals_alone_and_cache_is_consistent(family):
     torch.manual_seed(5)
     model.add_adapter("l", LoraConfig(r=4, targets=LORA_TARGETS[family], init="random", alpha=64))
     model.add_adapter("p", PrefixConfig(num_virtual_tokens=4, init_std=3.0))
-    model.add_adapter("lp", [LoraConfig(r=2, targets=LORA_TARGETS[family], init="random", alpha=64), PrefixConfig(num_virtual_tokens=6)])
+    model.add_adapter(
+        "lp",
+        [
+            LoraConfig(r=2, targets=LORA_TARGETS[family], init="random", alpha=64),
+            PrefixConfig(num_virtual_tokens=6),
+        ],
+    )
     names = ["l", "p", None, "lp"]
     inputs = batch(len(names), 6, pad="left")
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
@@ -62,14 +79,18 @@ def test_routed_generate_equals_alone_and_cache_is_consistent(family):
         # beam search repeats each row num_beams times; the routing repeats with them
         beams = model.generate(**inputs, adapters=names, num_beams=3, **kw)
         for i, name in enumerate(names):
-            alone = model.generate(**{k: v[i : i + 1] for k, v in inputs.items()}, adapters=name, num_beams=3, **kw)
+            alone = model.generate(
+                **{k: v[i : i + 1] for k, v in inputs.items()}, adapters=name, num_beams=3, **kw
+            )
             assert torch.equal(beams[i], alone[0]), f"beam search row {i} ({name}) differs when run alone"
 
 
 def test_activate_is_constant_time_and_plain_calls_use_it(monkeypatch):
     model = AdapterModel(tiny("llama"))
     for i in range(6):
-        model.add_adapter(f"a{i}", [_lora("llama"), PrefixConfig(num_virtual_tokens=2)] if i % 2 else _lora("llama"))
+        model.add_adapter(
+            f"a{i}", [_lora("llama"), PrefixConfig(num_virtual_tokens=2)] if i % 2 else _lora("llama")
+        )
     inputs = batch(3, 5)
     with torch.no_grad():
         routed = model(**inputs, adapters="a3").logits
@@ -84,7 +105,9 @@ def test_activate_is_constant_time_and_plain_calls_use_it(monkeypatch):
         model.activate("a3")
         monkeypatch.undo()
         torch.testing.assert_close(model(**inputs).logits, routed, atol=0, rtol=0)
-        torch.testing.assert_close(model.base(**inputs).logits, routed, atol=0, rtol=0)  # direct base calls too
+        torch.testing.assert_close(
+            model.base(**inputs).logits, routed, atol=0, rtol=0
+        )  # direct base calls too
         model.activate(None)
         bare = model(**inputs, adapters=None).logits
         torch.testing.assert_close(model(**inputs).logits, bare, atol=0, rtol=0)
@@ -129,7 +152,9 @@ def test_bad_input_errors_are_clear():
     model = AdapterModel(tiny("bert"))
     model.add_adapter("news", _lora("bert"))
     inputs = batch(3, 5)
-    with pytest.raises(KeyError, match=r"unknown adapter\(s\) \['nope', 'nope2'\].*attached adapters: \['news'\]"):
+    with pytest.raises(
+        KeyError, match=r"unknown adapter\(s\) \['nope', 'nope2'\].*attached adapters: \['news'\]"
+    ):
         model(**inputs, adapters=["news", "nope", "nope2"])
     with pytest.raises(ValueError, match="adapters has 2 entries but the batch has 3 rows"):
         model(**inputs, adapters=["news", None])

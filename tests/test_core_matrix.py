@@ -19,7 +19,11 @@ PAD = {"bert": "right", "llama": "left", "gpt2": "left"}
 def make_config(method: str, family: str, seed: int):
     """A non-identity adapter config of `method` (LoRA B random so merges are really exercised)."""
     lora = LoraConfig(
-        r=4, alpha=8, targets=LORA_TARGETS[family], init="random", use_rslora=seed % 2 == 1,
+        r=4,
+        alpha=8,
+        targets=LORA_TARGETS[family],
+        init="random",
+        use_rslora=seed % 2 == 1,
         rank_pattern={LORA_TARGETS[family][0]: 2 + seed},
     )
     prefix = PrefixConfig(num_virtual_tokens=3 + seed, projection=seed % 2 == 1)
@@ -161,7 +165,8 @@ def test_peft_parity(family, method):
     lora_cfg = make_config("lora", family, 1)  # rsLoRA + a rank_pattern
     prefix_cfg = make_config("prefix", family, 1 if method == "prefix" else 0)  # with / without projection
     peft_lora_cfg = lora_cfg.to_peft(
-        target_modules=list(LORA_TARGETS[family]), init_lora_weights=False,
+        target_modules=list(LORA_TARGETS[family]),
+        init_lora_weights=False,
         task_type="FEATURE_EXTRACTION" if family == "bert" else "CAUSAL_LM",
     )
     with torch.no_grad():

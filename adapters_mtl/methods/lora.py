@@ -45,7 +45,9 @@ class LoraLayer(nn.Module):
         self.base_layer = base_layer
         self.fan_in_fan_out = isinstance(base_layer, _conv1d_type())
         w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        self.in_features, self.out_features = (
+            (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        )
         self.lora_A = nn.ParameterDict()  # name -> (r, in), a view into stack_A
         self.lora_B = nn.ParameterDict()  # name -> (out, r), a view into stack_B
         self.register_buffer("stack_A", w.new_zeros(1, 1, self.in_features), persistent=False)
@@ -95,7 +97,9 @@ class LoraLayer(nn.Module):
         self._repoint()
         return self
 
-    def add(self, name: str, slot: int, r: int, alpha: float, scaling: float, dropout: float, init: str) -> None:
+    def add(
+        self, name: str, slot: int, r: int, alpha: float, scaling: float, dropout: float, init: str
+    ) -> None:
         """Allocate ``name`` at global ``slot`` with rank ``r`` and scale ``scaling``."""
         if name in self.slots:
             raise ValueError(f"adapter {name!r} already exists in this layer")
@@ -293,7 +297,9 @@ class LoraMethod:
 
             suffixes = sorted({p.rsplit(".", 1)[-1] for p in candidates})
             wanted = [targets] if isinstance(targets, str) else list(targets)
-            near = sorted({m for t in wanted for m in difflib.get_close_matches(t, suffixes, n=3, cutoff=0.5)})
+            near = sorted(
+                {m for t in wanted for m in difflib.get_close_matches(t, suffixes, n=3, cutoff=0.5)}
+            )
             raise ValueError(
                 f"LoRA targets {wanted} match no Linear/Conv1D module of {type(self.model).__name__}. "
                 f"Near matches: {near or 'none'}. Module names that can be targeted: {suffixes}."

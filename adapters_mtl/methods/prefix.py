@@ -18,7 +18,14 @@ from torch import nn
 
 from ..routing import Route
 
-__all__ = ["ATTN_IMPLEMENTATION", "PrefixBank", "PrefixContext", "PrefixSelection", "attention_geometry", "find_self_attention"]
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "PrefixBank",
+    "PrefixContext",
+    "PrefixSelection",
+    "attention_geometry",
+    "find_self_attention",
+]
 
 ATTN_IMPLEMENTATION = "adapters_mtl_sdpa"
 
@@ -181,7 +188,9 @@ class PrefixBank(nn.Module):
     def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
         return dict(self.prefixes[name].named_parameters())
 
-    def context(self, names: list[str | None], device: torch.device, dtype: torch.dtype) -> PrefixContext | None:
+    def context(
+        self, names: list[str | None], device: torch.device, dtype: torch.dtype
+    ) -> PrefixContext | None:
         """Build the per-row prefixes for ``names`` (one adapter name or None per row); None if no row has one."""
         uniq = sorted({n for n in names if n is not None})
         if not uniq:
@@ -262,7 +271,9 @@ class PrefixMethod:
         self.lengths: dict[str, int] = {}
 
     def add(self, name: str, config) -> None:
-        self.bank.add(name, config.num_virtual_tokens, config.projection, config.encoder_hidden_size, config.init_std)
+        self.bank.add(
+            name, config.num_virtual_tokens, config.projection, config.encoder_hidden_size, config.init_std
+        )
         self.lengths[name] = config.num_virtual_tokens
 
     def remove(self, name: str) -> None:
