@@ -3,7 +3,8 @@
 It shows what the core does today: attach LoRA, prefix and LoRA+prefix adapters (each with its own
 head and label set) to a frozen real encoder, run real texts with a different adapter per row in one
 batch, check every row against the same row run alone, hot-swap, and merge/unmerge.
-The adapters are freshly initialised (training arrives with ``adapters-mtl train``), so the labels
+The adapters are freshly (randomly, non-identity) initialised -- training arrives with
+``adapters-mtl train`` -- so the labels
 printed are not yet meaningful; the equivalence and timing numbers are.
 """
 
@@ -83,7 +84,7 @@ def run_demo(seed: int = 0) -> dict:
     model = AdapterModel(base).eval()
     model.add_adapter(
         "news",
-        LoraConfig(r=8, alpha=16, targets=("query", "value")),
+        LoraConfig(r=8, alpha=16, targets=("query", "value"), init="random"),
         head=HeadConfig(num_labels=5, label_names=NEWS_LABELS),
     )
     model.add_adapter(
@@ -91,7 +92,10 @@ def run_demo(seed: int = 0) -> dict:
     )
     model.add_adapter(
         "both",
-        [LoraConfig(r=4, targets=("query", "key", "value")), PrefixConfig(num_virtual_tokens=8)],
+        [
+            LoraConfig(r=4, targets=("query", "key", "value"), init="random"),
+            PrefixConfig(num_virtual_tokens=8),
+        ],
         head=HeadConfig(kind="regression", num_labels=1),
     )
     total = sum(

@@ -127,6 +127,7 @@ class AdapterModel(nn.Module):
                 method.remove(name)
             raise
         self._configs[name] = configs
+        self.train(self.training)  # new layers and heads follow the model's train/eval mode
         ref = next(self.base.parameters())
         for p in self.adapter_parameters(name).values():
             if p.device != ref.device:

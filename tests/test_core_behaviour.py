@@ -194,3 +194,15 @@ def test_peft_configs_are_accepted():
     assert (lora.r, lora.alpha, lora.targets) == (4, 8, ("q_proj", "v_proj"))
     with pytest.raises(ValueError, match="use_dora=True"):
         model.add_adapter("d", peft.LoraConfig(r=4, use_dora=True, target_modules=["q_proj"]))
+
+
+def test_adapters_added_after_eval_are_in_eval_mode():
+    model = AdapterModel(tiny("bert")).eval()
+    model.add_adapter(
+        "a", LoraConfig(r=4, targets=("query",), dropout=0.5), head=HeadConfig(num_labels=3, dropout=0.5)
+    )
+    assert not any(m.training for m in model.modules())
+    inputs = batch(2, 5)
+    with torch.no_grad():
+        first = model(**inputs, adapters="a").row_logits[0]
+        torch.testing.assert_close(model(**inputs, adapters="a").row_logits[0], first, atol=0, rtol=0)
