@@ -59,7 +59,7 @@ class LoraLayer(nn.Module):
         self.dropout: dict[str, float] = {}
         self._name_of_slot: dict[int, str] = {}
         self.merged: str | None = None
-        self._original_weight: torch.Tensor | None = None
+        self._original: list[nn.Parameter] = []  # the weight set aside by merge (a list: not registered)
         object.__setattr__(self, "_route", route)  # shared, not a submodule
 
     # ----------------------------------------------------------------- storage
@@ -147,14 +147,24 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self, name: str, keep_original: bool = True) -> None:
-        """Fold ``name`` into the base weight. ``keep_original`` stores a copy so ``unmerge`` is exact."""
+        """Fold ``name`` into the base weight.
+
+        With ``keep_original`` the merged weight is a new tensor and the original parameter is kept
+        aside, so ``unmerge`` is bit-exact and a weight tied to another module (e.g. an LM head tied to
+        the input embeddings) is never modified. Without it the weight is updated in place (no extra
+        memory; ``unmerge`` subtracts, exact up to fp round-off).
+        """
         if self.merged == name:
             return
         if self.merged is not None:
             raise RuntimeError(f"adapter {self.merged!r} is already merged here; unmerge() first")
         w = self.base_layer.weight
-        self._original_weight = w.detach().clone() if keep_original else None
-        w.add_(self.delta_weight(name).to(w.dtype))
+        delta = self.delta_weight(name).to(w.dtype)
+        if keep_original:
+            self._original = [w]
+            self.base_layer.weight = nn.Parameter(w + delta, requires_grad=False)
+        else:
+            w.add_(delta)
         self.merged = name
 
     @torch.no_grad()
@@ -162,12 +172,11 @@ class LoraLayer(nn.Module):
         """Restore the base weight (bit-exact when merged with ``keep_original=True``)."""
         if self.merged is None:
             return
-        w = self.base_layer.weight
-        if self._original_weight is not None:
-            w.copy_(self._original_weight)
+        if self._original:
+            self.base_layer.weight = self._original.pop()
         else:
-            w.sub_(self.delta_weight(self.merged).to(w.dtype))
-        self._original_weight, self.merged = None, None
+            self.base_layer.weight.sub_(self.delta_weight(self.merged).to(self.base_layer.weight.dtype))
+        self.merged = None
 
     # ----------------------------------------------------------------- forward
     def _dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
@@ -362,8 +371,19 @@ class LoraMethod:
         return layer.stack_A.device if layer is not None else torch.device("cpu")
 
     def merge(self, name: str, keep_original: bool = True) -> None:
+        if not keep_original:
+            tied = [p for p in self.targets[name] if self._is_tied(self.layers[p].base_layer.weight)]
+            if tied:
+                raise ValueError(
+                    f"cannot merge {name!r} in place: {tied} share their weight with another module "
+                    "(tied embeddings); use merge(name, keep_original=True)."
+                )
         for path in self.targets[name]:
             self.layers[path].merge(name, keep_original)
+
+    def _is_tied(self, weight: torch.Tensor) -> bool:
+        ptr = weight.data_ptr()
+        return sum(1 for _, p in self.model.named_parameters(remove_duplicate=False) if p.data_ptr() == ptr) > 1
 
     def unmerge(self) -> None:
         for layer in self.layers.values():
