@@ -383,7 +383,9 @@ class LoraMethod:
 
     def _is_tied(self, weight: torch.Tensor) -> bool:
         ptr = weight.data_ptr()
-        return sum(1 for _, p in self.model.named_parameters(remove_duplicate=False) if p.data_ptr() == ptr) > 1
+        return (
+            sum(1 for _, p in self.model.named_parameters(remove_duplicate=False) if p.data_ptr() == ptr) > 1
+        )
 
     def unmerge(self) -> None:
         for layer in self.layers.values():

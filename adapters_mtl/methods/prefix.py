@@ -199,17 +199,23 @@ class PrefixBank(nn.Module):
         P = max(v.shape[0] for v in kvs.values())
         L, H, D = self.layers, self.kv_heads, self.head_dim
         lengths = [kvs[n].shape[0] if n is not None else 0 for n in names]
+        B = len(names)
         if len(uniq) == 1 and all(n is not None for n in names):
-            kv = kvs[uniq[0]].unsqueeze(0).expand(len(names), -1, -1)
+            # one prefix for every row: a broadcast view, no per-row copy
+            kv = (
+                kvs[uniq[0]]
+                .to(device=device, dtype=dtype)
+                .view(1, P, L, 2, H, D)
+                .expand(B, -1, -1, -1, -1, -1)
+            )
         else:
             padded = [torch.nn.functional.pad(kvs[n], (0, 0, 0, P - kvs[n].shape[0])) for n in uniq]
             table = torch.stack([torch.zeros_like(padded[0])] + padded)  # (U+1, P, L*2*H*D), row 0 = none
             pos = {n: i + 1 for i, n in enumerate(uniq)}
             index = torch.tensor([pos[n] if n is not None else 0 for n in names], device=table.device)
-            kv = table[index]
+            kv = table[index].to(device=device, dtype=dtype).view(B, P, L, 2, H, D)
         lengths_t = torch.tensor(lengths, device=device)
         mask = torch.arange(P, device=device).unsqueeze(0) < lengths_t.unsqueeze(1)
-        kv = kv.to(device=device, dtype=dtype).reshape(len(names), P, L, 2, H, D)
         return PrefixContext(kv=kv, mask=mask, lengths=lengths_t)
 
     def _begin_call(self, module, args, kwargs):
