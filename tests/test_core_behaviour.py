@@ -236,3 +236,17 @@ def test_lora_on_tied_lm_head_merges_without_touching_the_embeddings():
             model.merge("head", keep_original=False)
         assert model.merged_adapter is None
         torch.testing.assert_close(model(**inputs, adapters="head").logits, want, atol=0, rtol=0)
+
+
+def test_prefix_inference_cache_sees_in_place_edits():
+    model = AdapterModel(tiny("llama")).eval()
+    model.add_adapter("p", PrefixConfig(num_virtual_tokens=3))
+    model.add_adapter("q", PrefixConfig(num_virtual_tokens=2))
+    inputs = batch(2, 5)
+    with torch.no_grad():
+        first = model(**inputs, adapters=["p", "q"]).logits
+        torch.testing.assert_close(model(**inputs, adapters=["p", "q"]).logits, first, atol=0, rtol=0)
+        model.adapter_parameters("p")["prefix.embedding.weight"].mul_(2.0)
+        edited = model(**inputs, adapters=["p", "q"]).logits
+        assert (edited[0] - first[0]).abs().max() > 1e-4
+        torch.testing.assert_close(edited[1], first[1], atol=1e-6, rtol=0)

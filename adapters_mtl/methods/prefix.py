@@ -165,6 +165,7 @@ class PrefixBank(nn.Module):
             object.__setattr__(module, "_amtl_layer", i)
         self.prefixes = nn.ModuleDict()
         self._ctx: PrefixContext | None = None  # the prefixes of the backbone call in progress
+        self._cache: tuple | None = None  # (key, context) of the last no-grad call
         object.__setattr__(self, "_route", route)
         object.__setattr__(self, "_model", model)
         # The context is built once per backbone call from the current parameters (so training and a
@@ -218,6 +219,20 @@ class PrefixBank(nn.Module):
         mask = torch.arange(P, device=device).unsqueeze(0) < lengths_t.unsqueeze(1)
         return PrefixContext(kv=kv, mask=mask, lengths=lengths_t)
 
+    def _cached_context(self, names: list[str | None], device, dtype) -> PrefixContext | None:
+        # Without autograd (inference, generate) the same rows reuse the last context: each decode
+        # step of generate() would otherwise rebuild identical (B, P, L, 2, H, D) tensors. The key
+        # includes every used parameter's version counter, so an in-place edit invalidates it.
+        if torch.is_grad_enabled():
+            self._cache = None
+            return self.context(names, device, dtype)
+        used = sorted({n for n in names if n is not None})
+        versions = tuple(p._version for n in used for p in self.prefixes[n].parameters())
+        key = (tuple(names), device, dtype, tuple(id(self.prefixes[n]) for n in used), versions)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.context(names, device, dtype))
+        return self._cache[1]
+
     def _begin_call(self, module, args, kwargs):
         sel = self._route.prefix
         if not isinstance(sel, PrefixSelection):
@@ -231,7 +246,7 @@ class PrefixBank(nn.Module):
         B, T = ref.shape[0], ref.shape[1]
         names = sel.rows(B)
         w = next(self._model.parameters())
-        self._ctx = self.context(names, ref.device, w.dtype)
+        self._ctx = self._cached_context(names, ref.device, w.dtype)
         # Real tokens sit after the prefix (positions start at P, as in PEFT); done on the backbone so
         # that generate(), which calls the base model directly, gets it too.
         off = self._ctx.lengths
