@@ -47,17 +47,6 @@ def build_base(layers: int):
     return LlamaForCausalLM(cfg).eval()
 
 
-def median_ms(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def ours_with(base, n: int) -> AdapterModel:
     model = AdapterModel(copy.deepcopy(base)).eval()
     for i in range(n):
@@ -102,31 +91,46 @@ def decode_step(model_call, B: int, past: int = 32) -> Callable[[], object]:
     return step
 
 
+def paired_ms(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Median ms of each closure, timed round-robin so drift of the machine hits all of them alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def section_merge(base, repeat: int) -> list[dict]:
     x = prefill_inputs(16, 128)
-    rows = []
     ours = ours_with(base, 1)
     peft_m = peft_with(base, 1)
+    ours.activate("a0")
+    calls = {
+        "base": lambda: base(**x, logits_to_keep=1),
+        "ours": lambda: ours(**x, logits_to_keep=1),
+        "peft": lambda: peft_m(**x, logits_to_keep=1),
+    }
     with torch.inference_mode():
-        base_ms = median_ms(lambda: base(**x, logits_to_keep=1), repeat)
-        ours.activate("a0")
-        unmerged = median_ms(lambda: ours(**x, logits_to_keep=1), repeat)
+        unmerged = paired_ms(calls, repeat)
         ours.merge("a0")
-        merged = median_ms(lambda: ours(**x, logits_to_keep=1), repeat)
-        ours.unmerge()
-        p_unmerged = median_ms(lambda: peft_m(**x, logits_to_keep=1), repeat)
         peft_m.merge_adapter()
-        p_merged = median_ms(lambda: peft_m(**x, logits_to_keep=1), repeat)
+        merged = paired_ms(calls, repeat)
+        ours.unmerge()
         peft_m.unmerge_adapter()
-    for lib, u, m in (("adapters_mtl", unmerged, merged), ("peft", p_unmerged, p_merged)):
+    rows = []
+    for lib in ("ours", "peft"):
         rows.append(
             {
-                "library": lib,
-                "base_ms": base_ms,
-                "unmerged_ms": u,
-                "merged_ms": m,
-                "unmerged_ratio": u / base_ms,
-                "merged_ratio": m / base_ms,
+                "library": "adapters_mtl" if lib == "ours" else "peft",
+                "base_ms": unmerged["base"],
+                "unmerged_ms": unmerged[lib],
+                "merged_ms": merged[lib],
+                "unmerged_ratio": unmerged[lib] / unmerged["base"],
+                "merged_ratio": merged[lib] / merged["base"],
             }
         )
     return rows
@@ -134,16 +138,15 @@ def section_merge(base, repeat: int) -> list[dict]:
 
 def section_mixed(base, counts: list[int], repeat: int) -> list[dict]:
     rows = []
-    n_max = max(counts)
-    ours = ours_with(base, n_max)
-    peft_m = peft_with(base, n_max)
+    ours = ours_with(base, max(counts))
+    peft_m = peft_with(base, max(counts))
+    peft_m.set_adapter("a0")
     shapes = {"prefill B=16 T=128": (16, 128), "decode B=64 T=1 (cache 32)": (64, 1)}
     with torch.inference_mode():
         for shape, (B, T) in shapes.items():
             tokens = B * T
             if T == 1:
-                ours_step = decode_step(ours, B)
-                peft_step = decode_step(peft_m, B)
+                ours_step, peft_step = decode_step(ours, B), decode_step(peft_m, B)
 
                 def run_ours(adapters, step=ours_step):
                     return step(adapters=adapters)
@@ -161,28 +164,33 @@ def section_mixed(base, counts: list[int], repeat: int) -> list[dict]:
                         return peft_m(**x, logits_to_keep=1)
                     return peft_m(**x, adapter_names=adapter_names, logits_to_keep=1)
 
-            peft_m.set_adapter("a0")
-            single_ours = median_ms(lambda run=run_ours: run("a0"), repeat)
-            single_peft = median_ms(lambda run=run_peft: run(None), repeat)
+            reps = repeat if T > 1 else 4 * repeat  # decode steps are short: more samples
             for n in counts:
+                # N <= B: rows cycle through the N adapters; N > B: B distinct of the N loaded
                 names = [f"a{i % n}" for i in range(B)] if n <= B else [f"a{(i * n) // B}" for i in range(B)]
-                row = {
-                    "shape": shape,
-                    "adapters": n,
-                    "distinct_in_batch": len(set(names)),
-                    "single_ours_tok_s": tokens / single_ours * 1e3,
-                    "single_peft_tok_s": tokens / single_peft * 1e3,
-                }
-                for strategy in ("gather", "group"):
-                    ours._route.strategy = strategy
-                    ms = median_ms(lambda run=run_ours, names=names: run(names), repeat)
-                    row[f"{strategy}_tok_s"] = tokens / ms * 1e3
-                    row[f"{strategy}_vs_single"] = single_ours / ms
+
+                def strategy(name, names=names, run=run_ours):
+                    ours._route.strategy = name
+                    return run(names)
+
+                ms = paired_ms(
+                    {
+                        "single_ours": lambda run=run_ours: run("a0"),
+                        "gather": lambda: strategy("gather"),
+                        "group": lambda: strategy("group"),
+                        "single_peft": lambda run=run_peft: run(None),
+                        "peft": lambda run=run_peft, names=names: run(names),
+                    },
+                    reps,
+                )
                 ours._route.strategy = "gather"
-                ms = median_ms(lambda run=run_peft, names=names: run(names), repeat)
-                row["peft_tok_s"] = tokens / ms * 1e3
-                row["peft_vs_single"] = single_peft / ms
-                row["gather_vs_peft"] = row["gather_tok_s"] / row["peft_tok_s"]
+                row = {"shape": shape, "adapters": n, "distinct_in_batch": len(set(names))}
+                for key in ("single_ours", "gather", "group", "single_peft", "peft"):
+                    row[f"{key}_tok_s"] = tokens / ms[key] * 1e3
+                for key in ("gather", "group"):
+                    row[f"{key}_vs_single"] = ms["single_ours"] / ms[key]
+                row["peft_vs_single"] = ms["single_peft"] / ms["peft"]
+                row["gather_vs_peft"] = ms["peft"] / ms["gather"]
                 rows.append(row)
                 print(
                     f"  {shape} N={n}: gather {row['gather_vs_single']:.2f}x single, "
