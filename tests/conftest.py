@@ -8,7 +8,7 @@ import pytest
 import torch
 
 
-def _bert():
+def _bert(**overrides):
     from transformers import BertConfig, BertModel
 
     cfg = BertConfig(
@@ -21,11 +21,12 @@ def _bert():
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         attn_implementation="sdpa",
+        **overrides,
     )
     return BertModel(cfg)
 
 
-def _llama():
+def _llama(**overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
@@ -37,6 +38,7 @@ def _llama():
         intermediate_size=48,
         max_position_embeddings=128,
         attn_implementation="sdpa",
+        **overrides,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
@@ -44,7 +46,7 @@ def _llama():
     return LlamaForCausalLM(cfg)
 
 
-def _gpt2():
+def _gpt2(**overrides):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(
@@ -57,6 +59,7 @@ def _gpt2():
         embd_pdrop=0.0,
         attn_pdrop=0.0,
         attn_implementation="sdpa",
+        **overrides,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
@@ -73,9 +76,10 @@ LORA_TARGETS = {
 }
 
 
-def tiny(family: str, seed: int = 0):
+def tiny(family: str, seed: int = 0, **overrides):
+    """A tiny random `family` model in eval mode; `overrides` change its config."""
     torch.manual_seed(seed)
-    return FAMILIES[family]().eval()
+    return FAMILIES[family](**overrides).eval()
 
 
 def batch(B: int = 4, T: int = 7, seed: int = 1, pad: str | None = None):
