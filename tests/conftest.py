@@ -8,20 +8,26 @@ import pytest
 import torch
 
 
+def _with(overrides: dict, **defaults) -> dict:
+    return {**defaults, **overrides}
+
+
 def _bert(**overrides):
     from transformers import BertConfig, BertModel
 
     cfg = BertConfig(
-        vocab_size=120,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=128,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        attn_implementation="sdpa",
-        **overrides,
+        **_with(
+            overrides,
+            vocab_size=120,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=128,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            attn_implementation="sdpa",
+        )
     )
     return BertModel(cfg)
 
@@ -30,18 +36,20 @@ def _llama(**overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=120,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=128,
-        attn_implementation="sdpa",
-        **overrides,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
+        **_with(
+            overrides,
+            vocab_size=120,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=48,
+            max_position_embeddings=128,
+            attn_implementation="sdpa",
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
     )
     return LlamaForCausalLM(cfg)
 
@@ -50,19 +58,21 @@ def _gpt2(**overrides):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(
-        vocab_size=120,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_positions=128,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        attn_implementation="sdpa",
-        **overrides,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
+        **_with(
+            overrides,
+            vocab_size=120,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            attn_implementation="sdpa",
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
     )
     return GPT2LMHeadModel(cfg)
 
