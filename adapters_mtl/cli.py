@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 __all__ = ["main"]
@@ -22,16 +23,171 @@ def _parser() -> argparse.ArgumentParser:
         "batch, check each row against the row run alone, time hot swap and merge.",
     )
     demo.add_argument("--seed", type=int, default=0, help="seed for adapter initialisation (default 0)")
+    _registry_parser(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "demo":
-        from .demo import run_demo
+def _registry_parser(sub) -> None:
+    reg = sub.add_parser(
+        "registry",
+        help="publish, list, show, verify and remove versioned adapters",
+        description="Manage an adapter registry: a local folder or an fsspec URL holding versioned adapter "
+        "folders, indexed by a SQLite catalog. References are NAME (latest), NAME@VERSION or NAME@ALIAS.",
+    )
+    reg.add_argument("--root", default=None, help="registry folder or fsspec URL (default: $ADAPTERS_MTL_REGISTRY, "
+                     "else ~/.cache/adapters_mtl/registry)")  # fmt: skip
+    reg.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    cmds = reg.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
+    ls = cmds.add_parser("list", help="list published versions (filters combine)")
+    ls.add_argument("--task")
+    ls.add_argument("--base", help="base model id or fingerprint")
+    ls.add_argument("--method", choices=["lora", "prefix"])
+    ls.add_argument("--tag")
+    show = cmds.add_parser("show", help="show one version's card, tags and aliases")
+    show.add_argument("ref", help="NAME, NAME@VERSION or NAME@ALIAS")
+    pub = cmds.add_parser(
+        "publish", help="publish an adapter folder (saved by adapters_mtl) as the next version"
+    )
+    pub.add_argument("folder")
+    pub.add_argument("--name", help="registry name (default: the card's name)")
+    pub.add_argument("--tag", action="append", default=[], help="a tag (repeatable)")
+    pub.add_argument(
+        "--alias", action="append", default=[], help="point this alias at the new version (repeatable)"
+    )
+    imp = cmds.add_parser(
+        "import-peft", help="check a PEFT adapter folder against its base model and publish it"
+    )
+    imp.add_argument("folder")
+    imp.add_argument("--name", required=True, help="registry name for the adapter")
+    imp.add_argument(
+        "--base", required=True, help="'minilm', 'smollm2' (the packaged models) or a local model folder"
+    )
+    imp.add_argument("--tag", action="append", default=[])
+    imp.add_argument("--alias", action="append", default=[])
+    alias = cmds.add_parser("alias", help="point ALIAS of a name at a version")
+    alias.add_argument("ref")
+    alias.add_argument("alias")
+    rm = cmds.add_parser("remove", help="remove one version (NAME@VERSION)")
+    rm.add_argument("ref")
+    ver = cmds.add_parser(
+        "verify", help="check the checksums of one version or of everything (exit 1 on a failure)"
+    )
+    ver.add_argument("ref", nargs="?")
+    cmds.add_parser(
+        "rebuild", help="recreate the catalog from the files and drop leftovers of killed writers"
+    )
 
-        run_demo(seed=args.seed)
+
+def _load_base(spec: str):
+    from .model import AdapterModel
+
+    if spec == "minilm":
+        from .models import load_minilm
+
+        return AdapterModel(load_minilm()[0])
+    if spec == "smollm2":
+        from .models import load_smollm2
+
+        return AdapterModel(load_smollm2()[0])
+    from transformers import AutoModel
+
+    return AdapterModel(AutoModel.from_pretrained(spec, local_files_only=True))
+
+
+def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*[str(c) for c in row])
+    Console().print(table)
+
+
+def _registry(args) -> int:
+    from .registry import AdapterRegistry
+
+    reg = AdapterRegistry(args.root)
+    cmd = args.registry_command
+    out: object
+    if cmd == "list":
+        records = reg.list(task=args.task, base=args.base, method=args.method, tag=args.tag)
+        if not args.json:
+            aliases = {name: reg.aliases(name) for name in {r.name for r in records}}
+            rows = [[r.ref, r.task, "+".join(r.methods), r.base_model or "-", ", ".join(r.tags) or "-",
+                     ", ".join(a for a, v in aliases[r.name].items() if v == r.version) or "-", r.created]
+                    for r in records]  # fmt: skip
+            _table(
+                f"adapters in {reg.url}",
+                ["ref", "task", "methods", "base", "tags", "aliases", "published"],
+                rows,
+            )
+            return 0
+        out = [r.__dict__ | {"ref": r.ref} for r in records]
+    elif cmd == "show":
+        out = reg.show(args.ref)
+        if not args.json:
+            card = out["card"]
+            rows = [
+                [k, json.dumps(v) if isinstance(v, (dict, list)) else v]
+                for k, v in sorted(card.items())
+                if k != "files"
+            ]
+            rows += [["aliases", ", ".join(out["aliases"]) or "-"], ["tags", ", ".join(out["tags"]) or "-"]]
+            _table(out["ref"], ["field", "value"], rows)
+            return 0
+    elif cmd == "publish":
+        out = {"ref": reg.publish(args.folder, args.name, tags=args.tag, aliases=args.alias)}
+    elif cmd == "import-peft":
+        out = {
+            "ref": reg.import_peft(
+                _load_base(args.base), args.folder, args.name, tags=args.tag, aliases=args.alias
+            )
+        }
+    elif cmd == "alias":
+        reg.set_alias(args.ref, args.alias)
+        out = {"ref": reg.resolve(f"{args.ref.split('@')[0]}@{args.alias}").ref, "alias": args.alias}
+    elif cmd == "remove":
+        ref = reg.resolve(args.ref).ref
+        reg.remove(ref)
+        out = {"removed": ref}
+    elif cmd == "verify":
+        out = reg.verify(args.ref)
+        if not args.json:
+            _table("verification", ["ref", "result"], [[k, v] for k, v in out.items()])
+        if args.json:
+            print(json.dumps(out, indent=2))
+        return 0 if all(v == "ok" for v in out.values()) else 1
+    else:  # rebuild
+        out = {"versions": reg.rebuild()}
+    print(json.dumps(out, indent=2, default=str) if args.json else _plain(out))
     return 0
+
+
+def _plain(out) -> str:
+    if isinstance(out, dict):
+        return "\n".join(f"{k}: {v}" for k, v in out.items())
+    return str(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for bad input, with the reason on stderr)."""
+    args = _parser().parse_args(argv)
+    from .io import AdapterFileError
+    from .registry import RegistryError
+
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(seed=args.seed)
+            return 0
+        return _registry(args)
+    except (RegistryError, AdapterFileError, ValueError, FileNotFoundError) as e:
+        print(f"adapters-mtl: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
