@@ -56,7 +56,8 @@ class LoraConfig:
             matched against module names).
         init: ``"default"`` (A Kaiming-uniform, B zero: the adapter starts as identity, as in PEFT),
             ``"gaussian"`` (A normal(1/r), B zero) or ``"random"`` (A and B random: a non-identity start,
-            used by tests so that merges are really exercised).
+            used by tests so that merges are really exercised) or ``"zeros"`` (both zero: for weights
+            that are loaded right after).
         layers_to_transform: only these layer indices (PEFT semantics).
     """
 
@@ -79,8 +80,8 @@ class LoraConfig:
             problems.append(f"alpha must be a positive number, got {self.alpha!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in ("default", "gaussian", "random"):
-            problems.append(f"init must be 'default', 'gaussian' or 'random', got {self.init!r}")
+        if self.init not in ("default", "gaussian", "random", "zeros"):
+            problems.append(f"init must be 'default', 'gaussian', 'random' or 'zeros', got {self.init!r}")
         for key, rank in dict(self.rank_pattern).items():
             if not isinstance(rank, int) or rank <= 0:
                 problems.append(f"rank_pattern[{key!r}] must be a positive int, got {rank!r}")

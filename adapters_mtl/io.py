@@ -11,8 +11,21 @@ A prefix-only adapter keeps its prefix at the top level. Loading never unpickles
 
 from __future__ import annotations
 
-import torch
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
+import peft
+import torch
+from safetensors.torch import load, load_file, save_file
+
+from .config import HeadConfig, LoraConfig, PrefixConfig, validate_name
+from .methods.prefix import attention_geometry
 from .model import AdapterModel
 from .peft_compat import load_peft_state_dict, to_peft_state_dict
 
@@ -48,7 +61,6 @@ def base_fingerprint(model: AdapterModel) -> str:
     Raises:
         RuntimeError: while an adapter is merged into the base weights.
     """
-    import hashlib
 
     cached = getattr(model, "_base_fingerprint", None)
     if cached is not None:
@@ -75,8 +87,13 @@ def base_fingerprint(model: AdapterModel) -> str:
     return value
 
 
+def _version() -> str:
+    from . import __version__  # the package's __init__ imports this module: read it late
+
+    return __version__
+
+
 def _sha256(path) -> str:
-    import hashlib
 
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -91,8 +108,6 @@ def _base_id(model: AdapterModel) -> str | None:
 
 def _peft_config(model: AdapterModel, cfg, lora_targets: list[str] | None):
     """PEFT's config object for one native part, with the model-derived fields PEFT needs."""
-    from .config import LoraConfig
-    from .methods.prefix import attention_geometry
 
     task = "CAUSAL_LM" if model._is_causal() else "FEATURE_EXTRACTION"
     if isinstance(cfg, LoraConfig):
@@ -137,17 +152,6 @@ def save_adapter(
     Raises:
         FileExistsError: the folder exists and ``overwrite`` is False.
     """
-    import datetime
-    import json
-    import os
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from . import __version__
-    from .config import LoraConfig
 
     target = Path(directory)
     if target.exists() and not overwrite:
@@ -174,7 +178,7 @@ def save_adapter(
         else:
             _peft_config(model, prefix, None).save_pretrained(str(tmp))
             top["prompt_embeddings"] = tensors["prompt_embeddings"]
-        save_file(top, str(tmp / WEIGHTS), metadata={"format": "pt", "adapters_mtl": __version__})
+        save_file(top, str(tmp / WEIGHTS), metadata={"format": "pt", "adapters_mtl": _version()})
         card = {
             "name": name,
             "task": task or name,
@@ -191,7 +195,7 @@ def save_adapter(
             "metrics": metrics or {},
             "recipe": recipe or {},
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "library": f"adapters_mtl {__version__}",
+            "library": f"adapters_mtl {_version()}",
             "files": {},
         }
         for path in sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != CARD):
@@ -211,7 +215,6 @@ def save_adapter(
 
 
 def _jsonable(cfg) -> dict:
-    import dataclasses
 
     out = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "method"}
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
@@ -244,8 +247,6 @@ def _model_card(card: dict) -> str:
 
 def read_card(directory) -> dict | None:
     """The adapter card of a folder, or None for a plain PEFT folder."""
-    import json
-    from pathlib import Path
 
     path = Path(directory) / CARD
     if not path.exists():
@@ -256,35 +257,38 @@ def read_card(directory) -> dict | None:
         raise AdapterFileError(f"{path} is not a readable adapter card ({e}); the folder is damaged") from e
 
 
-def verify_files(directory, card: dict) -> None:
+def verify_files(directory, card: dict) -> dict[str, bytes]:
     """Check that every file the card lists exists with its recorded sha256 (and no weights file is unlisted).
+
+    Returns:
+        The verified bytes of each listed file (so callers parse exactly what was checked, read once).
 
     Raises:
         AdapterFileError: naming every missing or changed file at once.
     """
-    from pathlib import Path
 
     root = Path(directory)
+
     problems = []
+    blobs: dict[str, bytes] = {}
     for rel, digest in card.get("files", {}).items():
         path = root / rel
         if not path.is_file():
             problems.append(f"{rel} is missing")
-        elif _sha256(path) != digest:
+            continue
+        blobs[rel] = path.read_bytes()
+        if hashlib.sha256(blobs[rel]).hexdigest() != digest:
             problems.append(f"{rel} does not match its recorded sha256 (edited or truncated)")
     listed = set(card.get("files", {}))
     extra = [p.relative_to(root).as_posix() for p in root.rglob("*.safetensors")]
     problems += [f"{rel} is not listed in the card" for rel in extra if rel not in listed]
     if problems:
         raise AdapterFileError(f"adapter folder {root} failed verification: " + "; ".join(problems))
+    return blobs
 
 
-def _read_part(folder):
-    """(PEFT config, tensors) of one PEFT folder; refuses pickles."""
-    from pathlib import Path
-
-    import peft
-    from safetensors.torch import load_file
+def _read_part(folder, data: bytes | None = None):
+    """(PEFT config, tensors) of one PEFT folder (``data``: the weights file's verified bytes); refuses pickles."""
 
     folder = Path(folder)
     weights = folder / WEIGHTS
@@ -303,7 +307,7 @@ def _read_part(folder):
     except Exception as e:  # PEFT raises several types for a bad config
         raise AdapterFileError(f"{folder / CONFIG} is not a valid PEFT config: {e}") from e
     try:
-        tensors = load_file(str(weights))
+        tensors = load(data) if data is not None else load_file(str(weights))
     except Exception as e:  # safetensors raises its own error type for a truncated/corrupt header
         raise AdapterFileError(
             f"{weights} is not a readable safetensors file ({e}); it may be truncated"
@@ -315,8 +319,6 @@ def _read_part(folder):
 
 
 def _native_part(model: AdapterModel, peft_cfg):
-    from .config import LoraConfig, PrefixConfig
-    from .methods.prefix import attention_geometry
 
     kind = type(peft_cfg).__name__
     if kind == "LoraConfig":
@@ -349,9 +351,6 @@ def load_adapter(model: AdapterModel, directory, name: str | None = None, *, che
     Raises:
         AdapterFileError: what is wrong with the folder, and what to do.
     """
-    from pathlib import Path
-
-    from .config import HeadConfig, validate_name
 
     root = Path(directory)
     if not root.is_dir():
@@ -359,8 +358,9 @@ def load_adapter(model: AdapterModel, directory, name: str | None = None, *, che
             f"{root} is not a folder: expected an adapter folder (adapter_config.json + {WEIGHTS})"
         )
     card = read_card(root)
+    blobs: dict[str, bytes] = {}
     if card is not None:
-        verify_files(root, card)
+        blobs = verify_files(root, card)
         if (
             check_base
             and card.get("base_fingerprint")
@@ -373,10 +373,10 @@ def load_adapter(model: AdapterModel, directory, name: str | None = None, *, che
                 "if you know the weights are equivalent (e.g. another precision)."
             )
     name = validate_name(name or (card or {}).get("name") or root.name)
-    cfg, tensors = _read_part(root)
+    cfg, tensors = _read_part(root, blobs.get(WEIGHTS))
     parts = [(_native_part(model, cfg), tensors)]
     if (root / "prefix").is_dir():
-        pcfg, ptensors = _read_part(root / "prefix")
+        pcfg, ptensors = _read_part(root / "prefix", blobs.get(f"prefix/{WEIGHTS}"))
         parts.append((_native_part(model, pcfg), ptensors))
     head_tensors = {k[len(_HEAD_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_HEAD_PREFIX)}
     head = None
@@ -389,7 +389,9 @@ def load_adapter(model: AdapterModel, directory, name: str | None = None, *, che
     merged_state: dict[str, torch.Tensor] = {}
     for _, part in parts:
         merged_state.update({k: v for k, v in part.items() if not k.startswith(_HEAD_PREFIX)})
-    model.add_adapter(name, [p for p, _ in parts], head=head, trainable=False)
+    # values are copied in right after: skip the random initialisation
+    configs = [dataclasses.replace(p, init="zeros") if isinstance(p, LoraConfig) else p for p, _ in parts]
+    model.add_adapter(name, configs, head=head, trainable=False)
     try:
         load_peft_state_dict(model, name, merged_state)
         if head is not None:

@@ -451,7 +451,9 @@ class AdapterRegistry:
         from .io import load_adapter
 
         rec = self.resolve(ref)
-        return load_adapter(model, self.fetch(rec.ref), name=name or rec.name)
+        # load_adapter verifies every checksum itself; remote stores are copied (and verified) first
+        folder = Path(rec.path) if self.local else self.fetch(rec.ref)
+        return load_adapter(model, folder, name=name or rec.name)
 
     def remove(self, ref: str) -> None:
         """Remove one version (``name@v``), hidden in one step, then deleted; aliases to it are dropped."""

@@ -33,7 +33,8 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ PEFT_ACTIVATE_MAX = 64  # PEFT add_adapter walks the whole model: ~0.3 s per ada
 GOALS = {"unmerged": 1.08, "merged": 1.01, "mixed_vs_single": 0.85, "vs_peft_decode": 2.0, "activate_us": 100}
 
 Fn = Callable[[], object]
+RAW: dict[str, dict[str, list[float]]] = {}  # per-round ms of every timed variant, saved in the JSON
 
 
 @dataclass(frozen=True)
@@ -240,6 +242,7 @@ def section_merge(base: nn.Module, ours: AdapterModel, peft_m: Any, plan: Plan) 
         finally:
             ours.unmerge()
             peft_m.unmerge_adapter()
+    RAW["merge_unmerged"], RAW["merge_merged"] = unmerged, merged
     return [
         {
             "library": "adapters_mtl" if lib == "ours" else "peft",
@@ -281,6 +284,7 @@ def section_mixed(ours: AdapterModel, peft_m: Any, plan: Plan) -> list[dict]:
         ]
         for shape, B, T, run_ours, run_peft in shapes:
             times = rounds(mixed_variants(ours, B, run_ours, run_peft), rounds_for(plan, T))
+            RAW[f"mixed {shape}"] = times
             ours._route.strategy = "gather"  # the variants switch it; leave the default behind
             rows += mixed_rows(shape, B, B * T, times)
             for r in rows[-len(MIXED_COUNTS) :]:
@@ -599,43 +603,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class Stages:
+    """Prints each stage as it starts and records its wall time (the JSON shows where the run went)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        print(name, flush=True)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - t0, 1)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # Fixed thread count: comparable runs, and tests may share the 2-core machine.
     torch.set_num_threads(2)
     t_start = time.perf_counter()
-    base = load_real() if args.real else build_base(args.layers or (4 if args.quick else 30))
-    plan = make_plan(args.quick, base.config.num_hidden_layers)
-    info = machine_info(plan, args.real)
-    print(
-        f"{info['model']}, {plan.layers} layers; load average {info['load_avg_1m_at_start']:.2f}", flush=True
-    )
+    stage = Stages()
+    with stage("build models"):
+        base = load_real() if args.real else build_base(args.layers or (4 if args.quick else 30))
+        plan = make_plan(args.quick, base.config.num_hidden_layers)
+        info = machine_info(plan, args.real)
+        print(f"  {info['model']}, {plan.layers} layers; load average {info['load_avg_1m_at_start']:.2f}")
+        ours = AdapterModel(copy.deepcopy(base)).eval()
+        grow_ours(ours, 1)
+        peft_m = make_peft(base, ours)
 
-    ours = AdapterModel(copy.deepcopy(base)).eval()
-    grow_ours(ours, 1)
-    peft_m = make_peft(base, ours)
-
-    print("section 1: base / unmerged / merged", flush=True)
-    merge_rows = section_merge(base, ours, peft_m, plan)
+    with stage("section 1: base / unmerged / merged"):
+        merge_rows = section_merge(base, ours, peft_m, plan)
 
     # Sections 2 and 3 share models that grow: activate() is timed at each count on the way up, the
     # mixed batches when 64 are loaded (both libraries), and ours alone goes on to 256.
-    print("section 3 (part): activate with 1, 16, 64 loaded", flush=True)
-    activate_rows = []
+    activate_rows: list[dict] = []
     seen: list[str] = []
-    for n in (c for c in ACTIVATE_COUNTS if c <= PEFT_ACTIVATE_MAX):
-        grow_ours(ours, n)
-        grow_peft(peft_m, ours, n)
-        activate_rows.append(activate_row(ours, peft_m, new_names(ours, seen), plan))
-    print("parity check", flush=True)
-    parity_row = parity(ours, peft_m, max(MIXED_COUNTS))
-    print("section 2: mixed batches", flush=True)
-    mixed = section_mixed(ours, peft_m, plan)
+    with stage(f"section 3: activate, up to {PEFT_ACTIVATE_MAX} loaded (adds PEFT adapters: slow)"):
+        for n in (c for c in ACTIVATE_COUNTS if c <= PEFT_ACTIVATE_MAX):
+            grow_ours(ours, n)
+            grow_peft(peft_m, ours, n)
+            activate_rows.append(activate_row(ours, peft_m, new_names(ours, seen), plan))
+    with stage("parity check"):
+        parity_row = parity(ours, peft_m, max(MIXED_COUNTS))
+    with stage("section 2: mixed batches"):
+        mixed = section_mixed(ours, peft_m, plan)
     del peft_m  # free its memory before growing ours further
-    print("section 3 (rest): activate with more loaded", flush=True)
-    for n in (c for c in ACTIVATE_COUNTS if c > PEFT_ACTIVATE_MAX):
-        grow_ours(ours, n)
-        activate_rows.append(activate_row(ours, None, new_names(ours, seen), plan))
+    with stage("section 3: activate, ours only beyond"):
+        for n in (c for c in ACTIVATE_COUNTS if c > PEFT_ACTIVATE_MAX):
+            grow_ours(ours, n)
+            activate_rows.append(activate_row(ours, None, new_names(ours, seen), plan))
 
     info["load_avg_1m_at_end"] = os.getloadavg()[0]
     result: dict[str, Any] = {
@@ -646,11 +665,13 @@ def main(argv: list[str] | None = None) -> None:
         "activate": activate_rows,
     }
     result["goals"] = goals(result)
-    result["seconds"] = time.perf_counter() - t_start
+    result["stage_seconds"] = stage.seconds
+    result["seconds"] = round(time.perf_counter() - t_start, 1)
+    result["raw_ms_per_round"] = RAW
     print_tables(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.out} ({result['seconds']:.0f} s)")
+    print(f"\nwrote {args.out} ({result['seconds']:.0f} s; stages: {stage.seconds})")
 
 
 if __name__ == "__main__":

@@ -107,7 +107,9 @@ class LoraLayer(nn.Module):
         A = self.stack_A[slot, :r]
         B = self.stack_B[slot, :, :r]
         with torch.no_grad():
-            if init == "gaussian":
+            if init == "zeros":
+                A.zero_()
+            elif init == "gaussian":
                 nn.init.normal_(A, std=1.0 / r)
             else:
                 # PEFT's default: Kaiming-uniform A, zero B (the adapter starts as the identity).
