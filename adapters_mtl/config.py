@@ -59,6 +59,9 @@ class LoraConfig:
             used by tests so that merges are really exercised) or ``"zeros"`` (both zero: for weights
             that are loaded right after).
         layers_to_transform: only these layer indices (PEFT semantics).
+        exclude: module names (suffixes) or a regex never to target (PEFT's ``exclude_modules``).
+
+    ``targets="all-linear"`` targets every Linear/Conv1D but the output layer, as in PEFT.
     """
 
     r: int = 8
@@ -70,6 +73,7 @@ class LoraConfig:
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     init: str = "default"
     layers_to_transform: tuple[int, ...] | None = None
+    exclude: tuple[str, ...] | str | None = None
     method: str = field(default="lora", init=False)
 
     def __post_init__(self) -> None:
@@ -89,6 +93,7 @@ class LoraConfig:
             raise ValueError("invalid LoraConfig: " + "; ".join(problems))
         object.__setattr__(self, "targets", _as_tuple(self.targets))
         object.__setattr__(self, "layers_to_transform", _as_tuple(self.layers_to_transform))
+        object.__setattr__(self, "exclude", _as_tuple(self.exclude))
         object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
         object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
 
@@ -110,6 +115,7 @@ class LoraConfig:
             rank_pattern=dict(self.rank_pattern),
             alpha_pattern=dict(self.alpha_pattern),
             layers_to_transform=list(self.layers_to_transform) if self.layers_to_transform else None,
+            exclude_modules=list(self.exclude) if isinstance(self.exclude, tuple) else self.exclude,
             **extra,
         )
 
@@ -125,13 +131,24 @@ class LoraConfig:
             unsupported.append(f"modules_to_save={cfg.modules_to_save!r} (use a head instead)")
         if getattr(cfg, "target_parameters", None):
             unsupported.append("target_parameters")
+        init = cfg.init_lora_weights
+        if init not in (True, False, "gaussian"):
+            unsupported.append(f"init_lora_weights={init!r} (only True, False or 'gaussian')")
+        for flag in (
+            "lora_bias",
+            "use_qalora",
+            "layer_replication",
+            "trainable_token_indices",
+            "alora_invocation_tokens",
+        ):
+            if getattr(cfg, flag, None):
+                unsupported.append(f"{flag}={getattr(cfg, flag)!r}")
         if unsupported:
             raise ValueError(
                 "this peft.LoraConfig uses options adapters_mtl does not support: "
                 + ", ".join(unsupported)
                 + ". Remove them, or use PEFT for this adapter."
             )
-        init = cfg.init_lora_weights
         targets = cfg.target_modules
         if isinstance(targets, (set, list)):
             targets = tuple(sorted(targets))
@@ -149,6 +166,9 @@ class LoraConfig:
                 if isinstance(cfg.layers_to_transform, int)
                 else _as_tuple(cfg.layers_to_transform)
             ),
+            exclude=tuple(sorted(cfg.exclude_modules))
+            if isinstance(cfg.exclude_modules, (set, list))
+            else cfg.exclude_modules,
         )
 
 

@@ -56,19 +56,23 @@ def base_fingerprint(model: AdapterModel) -> str:
     Hashes every base tensor's canonical name, shape and dtype plus a strided sample of up to 1024 of
     its values (all of them for small tensors): cheap enough to run on every load, and any other
     checkpoint, architecture or precision of the base gives a different value. Cached on the model
-    (its base is frozen).
+    until a base tensor moves, changes dtype or is edited in place.
 
     Raises:
         RuntimeError: while an adapter is merged into the base weights.
     """
 
-    cached = getattr(model, "_base_fingerprint", None)
-    if cached is not None:
-        return cached
     if model.merged_adapter is not None:
         raise RuntimeError(
             f"adapter {model.merged_adapter!r} is merged; unmerge() before fingerprinting the base"
         )
+    # cached, keyed by where each base tensor lives and its version counter (in-place edits,
+    # .to(dtype/device) and load_state_dict all change the key)
+    base_params = [p for k, p in model.base.named_parameters() if not p.requires_grad and ".lora_" not in k]
+    key = tuple((p.data_ptr(), p.dtype, p._version) for p in base_params)
+    cached = getattr(model, "_base_fingerprint", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     adapter_ids = {id(p) for n in model.adapter_names for p in model.adapter_parameters(n).values()}
     h = hashlib.sha256()
     named = [
@@ -83,7 +87,7 @@ def base_fingerprint(model: AdapterModel) -> str:
         h.update(f"{key}|{tuple(t.shape)}|{t.dtype}|".encode())
         h.update(sample.numpy().tobytes())
     value = "sha256:" + h.hexdigest()
-    object.__setattr__(model, "_base_fingerprint", value)
+    object.__setattr__(model, "_base_fingerprint", (key, value))
     return value
 
 

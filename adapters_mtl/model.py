@@ -150,7 +150,8 @@ class AdapterModel(nn.Module):
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """Every parameter of ``name`` (all methods and its head), keyed by a stable qualified name."""
-        self._check_known([name]) if name not in self.heads else None
+        if name not in self.heads:
+            self._check_known([name])
         out: dict[str, nn.Parameter] = {}
         for cfg in self._configs.get(name, ()):
             out.update(self._methods[cfg.method].adapter_params(name))
@@ -258,6 +259,7 @@ class AdapterModel(nn.Module):
             return self.base.generate(*args, **kwargs)
 
     def _call(self, names: list[str | None], args, kwargs):
+        self._refuse_checkpointing(names)
         with_head = [n for n in dict.fromkeys(names) if n is not None and n in self.heads]
         if not with_head:
             return self.base(*args, **kwargs)
@@ -281,6 +283,25 @@ class AdapterModel(nn.Module):
         return result
 
     # ------------------------------------------------------------------ internals
+    def _refuse_checkpointing(self, names: list[str | None]) -> None:
+        # Activation checkpointing recomputes layers during backward, after this call's routing has
+        # ended, so the recomputation would run other adapters. Until routing is captured per layer,
+        # refuse the combinations that would be wrong instead of training on garbage.
+        if not (
+            self.training
+            and torch.is_grad_enabled()
+            and getattr(self.base, "is_gradient_checkpointing", False)
+        ):
+            return
+        routed = any(n != self._active for n in names)
+        prefix = any(n is not None and "prefix" in self._method_names(n) for n in set(names))
+        if routed or prefix:
+            raise NotImplementedError(
+                "gradient checkpointing works only with the active LoRA adapter for now (activate(name), then "
+                "call without adapters=): per-call routing and prefix adapters are not recomputed correctly. "
+                "Disable it with model.base.activation_checkpointing_disable(), or train one LoRA per batch."
+            )
+
     def _method(self, method_name: str):
         if method_name not in self._methods:
             method = get_method(method_name)(self.base, self._route)

@@ -52,7 +52,7 @@ class LoraLayer(nn.Module):
         self.lora_B = nn.ParameterDict()  # name -> (out, r), a view into stack_B
         self.register_buffer("stack_A", w.new_zeros(1, 1, self.in_features), persistent=False)
         self.register_buffer("stack_B", w.new_zeros(1, self.out_features, 1), persistent=False)
-        self.register_buffer("scales", w.new_zeros(1), persistent=False)
+        self.register_buffer("scales", torch.zeros(1, device=w.device), persistent=False)  # fp32 always
         self.slots: dict[str, int] = {}
         self.ranks: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
@@ -61,6 +61,7 @@ class LoraLayer(nn.Module):
         self.merged: str | None = None
         self._original: list[nn.Parameter] = []  # the weight set aside by merge (a list: not registered)
         object.__setattr__(self, "_route", route)  # shared, not a submodule
+        self.register_load_state_dict_post_hook(LoraLayer._after_load)
 
     # ----------------------------------------------------------------- storage
     def _resize(self, slots: int, r_max: int) -> None:
@@ -74,7 +75,7 @@ class LoraLayer(nn.Module):
         new_B = old_B.new_zeros(S, self.out_features, R)
         new_A[:S0, :r0] = old_A
         new_B[:S0, :, :r0] = old_B
-        scales = self.scales.new_zeros(S)
+        scales = self.scales.new_zeros(S, dtype=torch.float32)
         scales[:S0] = self.scales
         self.stack_A, self.stack_B, self.scales = new_A, new_B, scales
         self._repoint()
@@ -85,17 +86,35 @@ class LoraLayer(nn.Module):
             self.lora_A[name].data = self.stack_A[slot, :r]
             self.lora_B[name].data = self.stack_B[slot, :, :r]
 
-    def _apply(self, fn, recurse=True):
-        # .to()/.half()/.cuda() convert parameters and buffers one by one, which breaks the views;
-        # copy the converted adapter values back into converted stacks and re-point the views.
-        super()._apply(fn, recurse)
+    def _resync(self) -> None:
+        """Copy every adapter's parameter values into the stacks and re-point the views.
+
+        Needed whenever parameters were replaced rather than updated in place: ``.to()``/``.half()``
+        (which convert parameters and buffers one by one), ``copy.deepcopy``/unpickling, and
+        ``load_state_dict(assign=True)``.
+        """
         with torch.no_grad():
             for name, slot in self.slots.items():
                 r = self.ranks[name]
                 self.stack_A[slot, :r].copy_(self.lora_A[name].data)
                 self.stack_B[slot, :, :r].copy_(self.lora_B[name].data)
         self._repoint()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.scales = self.scales.float()  # scales stay fp32 whatever the model's dtype
+        if self._original:  # the weight set aside by merge() follows the module's device/dtype too
+            self._original = [nn.Parameter(fn(self._original[0]), requires_grad=False)]
+        self._resync()
         return self
+
+    def __setstate__(self, state) -> None:  # copy.deepcopy and unpickling
+        super().__setstate__(state)
+        self._resync()
+
+    @staticmethod
+    def _after_load(module: LoraLayer, incompatible_keys) -> None:
+        module._resync()
 
     def add(
         self, name: str, slot: int, r: int, alpha: float, scaling: float, dropout: float, init: str
@@ -231,13 +250,18 @@ class LoraLayer(nn.Module):
                     s_u.append(self.scaling[n])
             A_rows = torch.stack(A_u)[rows.inv]  # (B, R, in)
             B_rows = torch.stack(B_u)[rows.inv]  # (B, out, R)
-            s_rows = torch.tensor(s_u, device=x.device, dtype=x.dtype)[rows.inv]
-            p = max((self.dropout.get(self._name_of_slot.get(s, ""), 0.0) for s in rows.uniq), default=0.0)
-            x3 = self._dropout(x3, p)
+            s_rows = torch.tensor(s_u, device=x.device, dtype=torch.float32)[rows.inv]
         else:
             A_rows = self.stack_A[rows.idx]  # (B, R, in)
             B_rows = self.stack_B[rows.idx]  # (B, out, R)
             s_rows = self.scales[rows.idx]
+        if self.training:
+            # each row gets its own adapter's LoRA dropout (inverted dropout, as F.dropout)
+            p_u = [self.dropout.get(self._name_of_slot.get(s, ""), 0.0) for s in rows.uniq]
+            if any(p > 0 for p in p_u):
+                p_rows = torch.tensor(p_u, device=x.device, dtype=x.dtype)[rows.inv].view(Bsz, 1, 1)
+                keep = (torch.rand_like(x3) >= p_rows).to(x.dtype) / (1 - p_rows)
+                x3 = x3 * keep
         h = torch.bmm(x3, A_rows.transpose(1, 2).to(x.dtype))  # (B, T, R)
         h = h * s_rows.to(x.dtype).view(Bsz, 1, 1)
         delta = torch.bmm(h, B_rows.transpose(1, 2).to(x.dtype))  # (B, T, out)
@@ -276,6 +300,7 @@ class LoraMethod:
         self.targets: dict[str, list[str]] = {}
         self._free: list[int] = []
         self._next = 1  # slot 0 = no LoRA
+        self._merged: str | None = None
 
     # ---------------------------------------------------------------- targets
     def _candidates(self) -> dict[str, nn.Module]:
@@ -300,8 +325,13 @@ class LoraMethod:
                     f"LoraConfig.targets is None and there is no default for model type {model_type!r}: "
                     "pass targets=(...) with module-name suffixes such as ('q_proj', 'v_proj')."
                 )
-        peft_cfg = config.to_peft(target_modules=targets)
         candidates = self._candidates()
+        if targets == "all-linear":  # PEFT's shorthand: every Linear/Conv1D except the output layer
+            out = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+            targets = [
+                p for p, m in candidates.items() if m is not out and getattr(m, "base_layer", None) is not out
+            ]
+        peft_cfg = config.to_peft(target_modules=targets)
         matched = [p for p in candidates if check_target_module_exists(peft_cfg, p) and not _excluded(p)]
         if not matched:
             import difflib
@@ -338,6 +368,10 @@ class LoraMethod:
             r = config.rank_pattern.get(get_pattern_key(list(config.rank_pattern), path), config.r)
             alpha = config.alpha_pattern.get(get_pattern_key(list(config.alpha_pattern), path), config.alpha)
             self._wrap(path).add(name, slot, r, alpha, config.scaling(r, alpha), config.dropout, config.init)
+        # every layer's stacks span every slot (zeros where the adapter has no weights), so a mixed
+        # batch can gather any row's slot in any layer
+        for layer in self.layers.values():
+            layer._resize(self._next, 1)
         self.slot[name], self.targets[name] = slot, paths
 
     def remove(self, name: str) -> None:
@@ -382,6 +416,7 @@ class LoraMethod:
                 )
         for path in self.targets[name]:
             self.layers[path].merge(name, keep_original)
+        self._merged = name
 
     def _is_tied(self, weight: torch.Tensor) -> bool:
         ptr = weight.data_ptr()
@@ -392,9 +427,11 @@ class LoraMethod:
     def unmerge(self) -> None:
         for layer in self.layers.values():
             layer.unmerge()
+        self._merged = None
 
     def merged(self) -> str | None:
-        return next((layer.merged for layer in self.layers.values() if layer.merged), None)
+        """The merged adapter (tracked here: read on every routed call, so no walk over layers)."""
+        return self._merged
 
 
 def _excluded(path: str) -> bool:

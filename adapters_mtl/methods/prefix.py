@@ -159,6 +159,15 @@ class PrefixBank(nn.Module):
         self.layers, self.kv_heads, self.head_dim = attention_geometry(model.config)
         attn = find_self_attention(model, self.layers)
         _register_attention()
+        previous = model.config._attn_implementation
+        if previous not in ("sdpa", ATTN_IMPLEMENTATION):
+            import warnings
+
+            warnings.warn(
+                f"prefix tuning switches {type(model).__name__} from {previous!r} to SDPA-based routed attention "
+                "(outputs are the same up to round-off; output_attentions is no longer available)",
+                stacklevel=4,
+            )
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
         for i, module in enumerate(attn):
             object.__setattr__(module, "_amtl_bank", self)
@@ -166,6 +175,7 @@ class PrefixBank(nn.Module):
         self.prefixes = nn.ModuleDict()
         self._ctx: PrefixContext | None = None  # the prefixes of the backbone call in progress
         self._cache: tuple | None = None  # (key, context) of the last no-grad call
+        self._generation = 0  # bumped by add/remove: a re-added name never hits an old cache entry
         object.__setattr__(self, "_route", route)
         object.__setattr__(self, "_model", model)
         # The context is built once per backbone call from the current parameters (so training and a
@@ -182,9 +192,13 @@ class PrefixBank(nn.Module):
         ref = next(self._model.parameters())
         module = _PrefixParams(P, self.kv_dim, self.layers, projection, hidden, std)
         self.prefixes[name] = module.to(ref.device)
+        self._generation += 1
+        self._cache = None
 
     def remove(self, name: str) -> None:
         del self.prefixes[name]
+        self._generation += 1
+        self._cache = None
 
     def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
         return dict(self.prefixes[name].named_parameters())
@@ -228,7 +242,7 @@ class PrefixBank(nn.Module):
             return self.context(names, device, dtype)
         used = sorted({n for n in names if n is not None})
         versions = tuple(p._version for n in used for p in self.prefixes[n].parameters())
-        key = (tuple(names), device, dtype, tuple(id(self.prefixes[n]) for n in used), versions)
+        key = (tuple(names), device, dtype, self._generation, versions)
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, self.context(names, device, dtype))
         return self._cache[1]
@@ -238,9 +252,9 @@ class PrefixBank(nn.Module):
         if not isinstance(sel, PrefixSelection):
             self._ctx = None
             return None
-        ref = kwargs.get("input_ids")
-        if ref is None:
-            ref = args[0] if args else kwargs.get("inputs_embeds")
+        # GPT-2 passes input_ids positionally (None when the caller gave inputs_embeds)
+        candidates = (kwargs.get("input_ids"), args[0] if args else None, kwargs.get("inputs_embeds"))
+        ref = next((t for t in candidates if t is not None), None)
         if ref is None:
             raise ValueError("prefix routing needs input_ids or inputs_embeds in the backbone call")
         B, T = ref.shape[0], ref.shape[1]
