@@ -69,9 +69,9 @@ def base_fingerprint(model: AdapterModel) -> str:
     # cached, keyed by where each base tensor lives and its version counter (in-place edits,
     # .to(dtype/device) and load_state_dict all change the key)
     base_params = [p for k, p in model.base.named_parameters() if not p.requires_grad and ".lora_" not in k]
-    key = tuple((p.data_ptr(), p.dtype, p._version) for p in base_params)
+    cache_key = tuple((p.data_ptr(), p.dtype, p._version) for p in base_params)
     cached = getattr(model, "_base_fingerprint", None)
-    if cached is not None and cached[0] == key:
+    if cached is not None and cached[0] == cache_key:
         return cached[1]
     adapter_ids = {id(p) for n in model.adapter_names for p in model.adapter_parameters(n).values()}
     h = hashlib.sha256()
@@ -80,14 +80,14 @@ def base_fingerprint(model: AdapterModel) -> str:
         for k, t in model.base.state_dict(keep_vars=True).items()
         if id(t) not in adapter_ids and ".lora_" not in k
     ]
-    for key, t in sorted(named, key=lambda kv: kv[0]):
+    for tensor_name, t in sorted(named, key=lambda kv: kv[0]):
         flat = t.detach().reshape(-1)
         step = max(1, flat.numel() // 1024)
         sample = flat[::step][:1024].to(torch.float32).cpu().contiguous()
-        h.update(f"{key}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(f"{tensor_name}|{tuple(t.shape)}|{t.dtype}|".encode())
         h.update(sample.numpy().tobytes())
     value = "sha256:" + h.hexdigest()
-    object.__setattr__(model, "_base_fingerprint", (key, value))
+    object.__setattr__(model, "_base_fingerprint", (cache_key, value))
     return value
 
 

@@ -164,3 +164,16 @@ def test_peft_config_options_are_honoured_or_refused():
         AdapterModel(copy.deepcopy(base)).add_adapter(
             "y", peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa")
         )
+
+
+def test_base_fingerprint_is_computed_once_while_the_base_is_unchanged(monkeypatch):
+    import adapters_mtl.io as io
+
+    model = AdapterModel(tiny("llama"))
+    base_fingerprint(model)
+    calls = []
+    real = io.hashlib.sha256
+    monkeypatch.setattr(io.hashlib, "sha256", lambda *a: (calls.append(1), real(*a))[1])
+    model.add_adapter("a", LoraConfig(r=2, targets=("q_proj",)))
+    base_fingerprint(model)
+    assert calls == []
