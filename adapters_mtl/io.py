@@ -163,9 +163,9 @@ def save_adapter(
     configs = model.adapter_config(name)
     tensors = to_peft_state_dict(model, name)
     head_cfg = model.head_config(name)
-    tmp = Path(
-        tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent if target.parent.exists() else None)
-    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # staged beside the target (same filesystem), so the final rename is atomic
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         lora = next((c for c in configs if isinstance(c, LoraConfig)), None)
         prefix = next((c for c in configs if not isinstance(c, LoraConfig)), None)

@@ -1,4 +1,4 @@
-"""The README's tour runs as written (so it stays true)."""
+"""The README's Python examples run as written (so they stay true)."""
 
 import re
 from pathlib import Path
@@ -7,10 +7,21 @@ import pytest
 
 
 @pytest.mark.slow
-def test_readme_tour_runs():
+def test_readme_examples_run(tmp_path, monkeypatch):
+    from adapters_mtl import AdapterModel
+    from adapters_mtl.models import load_minilm
+
     text = (Path(__file__).parents[1] / "README.md").read_text()
-    code = re.findall(r"```python\n(.*?)```", text, re.S)[0]
+    tour, files = re.findall(r"```python\n(.*?)```", text, re.S)[:2]
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(tour, "README.md (tour)", "exec"), scope)
     out = scope["out"]
     assert out.row_logits[0].shape == (5,) and out.row_logits[1].shape == (3,) and out.row_logits[2] is None
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ADAPTERS_MTL_REGISTRY", str(tmp_path / "registry"))
+    scope["model"].unmerge()
+    scope["other_model"] = AdapterModel(load_minilm()[0])
+    exec(compile(files, "README.md (files)", "exec"), scope)
+    assert scope["reg"].resolve("news@prod").ref == "news@1"
+    assert sorted(scope["other_model"].adapter_names) == ["news", "news_copy"]
