@@ -37,6 +37,7 @@ __all__ = [
     "read_card",
     "save_adapter",
     "to_peft_state_dict",
+    "check_files",
     "verify_files",
 ]
 
@@ -261,34 +262,45 @@ def read_card(directory) -> dict | None:
         raise AdapterFileError(f"{path} is not a readable adapter card ({e}); the folder is damaged") from e
 
 
-def verify_files(directory, card: dict) -> dict[str, bytes]:
-    """Check that every file the card lists exists with its recorded sha256 (and no weights file is unlisted).
+def check_files(card: dict, read, present: list[str], where: str) -> dict[str, bytes]:
+    """Check the files a card lists against their recorded sha256, whatever store holds them.
+
+    Args:
+        card: the adapter card (its ``files`` maps relative path -> sha256).
+        read: ``read(rel) -> bytes | None`` (None: the file is missing).
+        present: relative paths of the ``*.safetensors`` files in the folder (each must be listed).
+        where: the folder, for messages.
 
     Returns:
         The verified bytes of each listed file (so callers parse exactly what was checked, read once).
 
     Raises:
-        AdapterFileError: naming every missing or changed file at once.
+        AdapterFileError: naming every missing, changed or unlisted file at once.
     """
-
-    root = Path(directory)
-
     problems = []
     blobs: dict[str, bytes] = {}
-    for rel, digest in card.get("files", {}).items():
-        path = root / rel
-        if not path.is_file():
+    listed = card.get("files", {})
+    for rel, digest in listed.items():
+        data = read(rel)
+        if data is None:
             problems.append(f"{rel} is missing")
             continue
-        blobs[rel] = path.read_bytes()
-        if hashlib.sha256(blobs[rel]).hexdigest() != digest:
+        blobs[rel] = data
+        if hashlib.sha256(data).hexdigest() != digest:
             problems.append(f"{rel} does not match its recorded sha256 (edited or truncated)")
-    listed = set(card.get("files", {}))
-    extra = [p.relative_to(root).as_posix() for p in root.rglob("*.safetensors")]
-    problems += [f"{rel} is not listed in the card" for rel in extra if rel not in listed]
+    problems += [f"{rel} is not listed in the card" for rel in present if rel not in listed]
     if problems:
-        raise AdapterFileError(f"adapter folder {root} failed verification: " + "; ".join(problems))
+        raise AdapterFileError(f"adapter folder {where} failed verification: " + "; ".join(problems))
     return blobs
+
+
+def verify_files(directory, card: dict) -> dict[str, bytes]:
+    """:func:`check_files` for a local folder."""
+    root = Path(directory)
+    present = [p.relative_to(root).as_posix() for p in root.rglob("*.safetensors")]
+    return check_files(
+        card, lambda rel: (root / rel).read_bytes() if (root / rel).is_file() else None, present, str(root)
+    )
 
 
 def _read_part(folder, data: bytes | None = None):

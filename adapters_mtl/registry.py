@@ -31,7 +31,7 @@ from pathlib import Path
 import fsspec
 
 from .config import validate_name
-from .io import CARD, AdapterFileError, read_card, save_adapter, verify_files
+from .io import CARD, AdapterFileError, check_files, read_card, save_adapter, verify_files
 
 __all__ = ["AdapterRecord", "AdapterRegistry", "RegistryError", "default_root"]
 
@@ -411,18 +411,14 @@ class AdapterRegistry:
 
     # ------------------------------------------------------------------ verify / fetch / remove
     def _verify_store_folder(self, folder: str) -> None:
-        import hashlib
-
         card = json.loads(self.fs.cat_file(f"{folder}/{CARD}"))
-        problems = []
-        for rel, digest in card.get("files", {}).items():
+        present = [p[len(folder) + 1 :] for p in self.fs.glob(f"{folder}/**/*.safetensors")]
+
+        def read(rel: str) -> bytes | None:
             path = f"{folder}/{rel}"
-            if not self.fs.exists(path):
-                problems.append(f"{rel} is missing")
-            elif hashlib.sha256(self.fs.cat_file(path)).hexdigest() != digest:
-                problems.append(f"{rel} does not match its recorded sha256")
-        if problems:
-            raise AdapterFileError(f"{folder} failed verification: " + "; ".join(problems))
+            return self.fs.cat_file(path) if self.fs.exists(path) else None
+
+        check_files(card, read, present, folder)
 
     def verify(self, ref: str | None = None) -> dict[str, str]:
         """Check the checksums of ``ref`` (or every version): ``{"name@v": "ok" | problem}``."""
