@@ -23,7 +23,7 @@ from .model import AdapterModel
 
 __all__ = ["run_demo"]
 
-NEWS_LABELS = ("business", "entertainment", "politics", "sport", "tech")
+NEWS_LABELS = ("business", "entertainment", "politics", "sports", "tech")
 TONE_LABELS = ("negative", "neutral", "positive")
 
 

