@@ -470,6 +470,22 @@ def machine_info(plan: Plan, real: bool) -> dict:
     }
 
 
+def machine_busy_s() -> float:
+    """CPU seconds all processes have spent busy (non-idle) since boot, from /proc/stat."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    # guest time is already counted in user/nice, so only the first 8 fields are summed
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -531,6 +547,11 @@ def print_tables(result: dict) -> None:
         f"\n{m['model']}, {m['plan']['layers']} layers; LoRA {m['lora']}; torch {m['torch']}, "
         f"peft {m['peft']}, {m['threads']} threads on {m['cpu']}; {m['date']}"
     )
+    if m.get("busy_warning"):
+        print(
+            f"WARNING: other processes used up to {m['others_cpu_share_max']:.0%} of the CPU during a stage "
+            "(see others_cpu_share_per_stage in the JSON): timings are inflated and noisy; rerun when quiet."
+        )
     print(f"\n### Base vs one unmerged LoRA vs merged (prefill B={PREFILL_B}, T={PREFILL_T})\n")
     print("| library | base ms | unmerged ms | merged ms | unmerged / base | merged / base |")
     print("|---|---|---|---|---|---|")
@@ -608,15 +629,19 @@ class Stages:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.others_cpu: dict[str, float] = {}  # share of the machine's CPU other processes used
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         print(name, flush=True)
-        t0 = time.perf_counter()
+        t0, busy0, own0 = time.perf_counter(), machine_busy_s(), own_cpu_s()
         try:
             yield
         finally:
-            self.seconds[name] = round(time.perf_counter() - t0, 1)
+            wall = time.perf_counter() - t0
+            self.seconds[name] = round(wall, 1)
+            others = machine_busy_s() - busy0 - (own_cpu_s() - own0)
+            self.others_cpu[name] = round(max(others, 0.0) / (wall * (os.cpu_count() or 1)), 3)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -656,7 +681,11 @@ def main(argv: list[str] | None = None) -> None:
             grow_ours(ours, n)
             activate_rows.append(activate_row(ours, None, new_names(ours, seen), plan))
 
-    info["load_avg_1m_at_end"] = os.getloadavg()[0]
+    # Other processes on the (shared) CPU inflate the ms columns and add noise (less so to the paired
+    # ratios): record how much CPU they took during each stage and warn past 10 %.
+    info["others_cpu_share_per_stage"] = stage.others_cpu
+    info["others_cpu_share_max"] = max(stage.others_cpu.values())
+    info["busy_warning"] = info["others_cpu_share_max"] > 0.10
     result: dict[str, Any] = {
         "machine": info,
         "merge": merge_rows,

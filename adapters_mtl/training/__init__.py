@@ -1,19 +1,22 @@
 """Multi-task training parts: task samplers, loss weighting, adversarial sharing.
 
-The trainer that drives them on Accelerate arrives with the rest of issue 4.
+``MultiTaskTrainer`` drives them on Accelerate.
 """
 
 from .adversarial import TaskDiscriminator, grad_reverse
 from .sampler import TaskSampler
+from .trainer import MultiTaskTrainer, TrainConfig
 from .weighting import DWA, GradNorm, PCGrad, StaticWeighting, UncertaintyWeighting, make_weighting
 
 __all__ = [
     "DWA",
     "GradNorm",
+    "MultiTaskTrainer",
     "PCGrad",
     "StaticWeighting",
     "TaskDiscriminator",
     "TaskSampler",
+    "TrainConfig",
     "UncertaintyWeighting",
     "grad_reverse",
     "make_weighting",

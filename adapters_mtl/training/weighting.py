@@ -1,7 +1,9 @@
 """Loss weighting for multi-task training, behind one interface.
 
 Every method implements ``backward(losses, shared) -> weights``: it runs the backward pass for the dict
-of per-task losses (scalar tensors) and returns the weights it used. ``shared`` are the parameters
+of per-task losses (scalar tensors) and returns the weights it used. Methods whose result is one
+weighted sum (static, uncertainty, dwa) also offer ``total(losses)`` so a trainer can backward it
+through Accelerate (loss scaling); they record the weights used in ``last``. ``shared`` are the parameters
 shared by all tasks (e.g. a shared adapter); GradNorm and PCGrad work on their gradients only, task
 adapters and heads get their ordinary gradients.
 
@@ -41,10 +43,14 @@ class StaticWeighting:
         self.tasks = list(tasks)
         self.w = {t: float((weights or {}).get(t, 1.0)) for t in self.tasks}
 
-    def backward(self, losses: Losses, shared: Sequence[nn.Parameter] = ()) -> dict[str, float]:
+    def total(self, losses: Losses) -> torch.Tensor:
         _check(losses, self.tasks)
-        sum(self.w[t] * loss for t, loss in losses.items()).backward()
-        return {t: self.w[t] for t in losses}
+        self.last = {t: self.w[t] for t in losses}
+        return sum(self.w[t] * loss for t, loss in losses.items())
+
+    def backward(self, losses: Losses, shared: Sequence[nn.Parameter] = ()) -> dict[str, float]:
+        self.total(losses).backward()
+        return self.last
 
 
 class UncertaintyWeighting(nn.Module):
@@ -62,11 +68,12 @@ class UncertaintyWeighting(nn.Module):
         for t, loss in losses.items():
             s = self.log_vars[self.tasks.index(t)]
             out = out + 0.5 * torch.exp(-s) * loss + 0.5 * s
+        self.last = self.weights(list(losses))
         return out
 
     def backward(self, losses: Losses, shared: Sequence[nn.Parameter] = ()) -> dict[str, float]:
         self.total(losses).backward()
-        return self.weights(losses)
+        return self.last
 
     def weights(self, tasks=None) -> dict[str, float]:
         return {t: 0.5 * math.exp(-self.log_vars[self.tasks.index(t)].item()) for t in (tasks or self.tasks)}
@@ -100,12 +107,16 @@ class DWA:
         self._sums = {t: 0.0 for t in self.tasks}
         self._counts = {t: 0 for t in self.tasks}
 
-    def backward(self, losses: Losses, shared: Sequence[nn.Parameter] = ()) -> dict[str, float]:
+    def total(self, losses: Losses) -> torch.Tensor:
         _check(losses, self.tasks)
         w = self.weights()
-        sum(w[t] * loss for t, loss in losses.items()).backward()
         self.observe({t: loss.detach() for t, loss in losses.items()})
-        return {t: w[t] for t in losses}
+        self.last = {t: w[t] for t in losses}
+        return sum(w[t] * loss for t, loss in losses.items())
+
+    def backward(self, losses: Losses, shared: Sequence[nn.Parameter] = ()) -> dict[str, float]:
+        self.total(losses).backward()
+        return self.last
 
 
 def _task_grads(
