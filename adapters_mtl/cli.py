@@ -23,6 +23,17 @@ def _parser() -> argparse.ArgumentParser:
         "batch, check each row against the row run alone, time hot swap and merge.",
     )
     demo.add_argument("--seed", type=int, default=0, help="seed for adapter initialisation (default 0)")
+    train = sub.add_parser(
+        "train",
+        help="train one adapter per task from a recipe (works under `accelerate launch` unchanged)",
+        description="Train the tasks of a YAML recipe (see recipes/), evaluate on their test splits, write "
+        "metrics.csv and results.json to train.output_dir and publish each adapter to the registry.",
+    )
+    train.add_argument("recipe", help="path of a recipe YAML file")
+    train.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. train.steps=5 tasks.0.limit=100"
+    )
+    train.add_argument("--json", action="store_true", help="print the results as JSON")
     _registry_parser(sub)
     return parser
 
@@ -166,6 +177,25 @@ def _registry(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from .recipe import load_recipe, run_recipe
+
+    summary = run_recipe(load_recipe(args.recipe, args.overrides))
+    if args.json:
+        print(json.dumps(summary, indent=2, default=float))
+        return 0
+    rows = []
+    for task, metrics in summary["test"].items():
+        shown = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k != "score")
+        rows.append([task, shown, summary["published"].get(task, "-")])
+    _table(
+        f"test results after {summary['steps']} steps ({summary['output_dir']})",
+        ["task", "test metrics", "published"],
+        rows,
+    )
+    return 0
+
+
 def _plain(out) -> str:
     if isinstance(out, dict):
         return "\n".join(f"{k}: {v}" for k, v in out.items())
@@ -184,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(seed=args.seed)
             return 0
+        if args.command == "train":
+            return _train(args)
         return _registry(args)
     except (RegistryError, AdapterFileError, ValueError, FileNotFoundError) as e:
         print(f"adapters-mtl: error: {e}", file=sys.stderr)

@@ -117,3 +117,53 @@ def test_bad_configs_are_refused(tmp_path, setup):
     model = AdapterModel(copy.deepcopy(base))
     with pytest.raises(ValueError, match=r"tasks \['topic', 'mood'\] have no adapter with a head"):
         MultiTaskTrainer(model, tok, tasks, _cfg(tmp_path))
+
+
+def test_cli_train_runs_a_recipe_and_publishes(tmp_path, setup, capsys):
+    import json
+
+    import yaml
+
+    from adapters_mtl.cli import main
+    from adapters_mtl.recipe import RecipeError, load_recipe
+
+    tok, tasks, base = setup
+    folder = tmp_path / "base"
+    base.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    recipe = {
+        "base": str(folder),
+        "tasks": [{"name": t, "source": d.spec.source} for t, d in tasks.items()],
+        "adapter": {"lora": {"r": 4, "targets": ["query", "value"]}},
+        "train": {"steps": 50, "batch_size": 8, "eval_every": 2, "output_dir": str(tmp_path / "run")},
+        "registry": str(tmp_path / "reg"),
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path), "train.steps=2", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 2 and set(summary["published"]) == {"topic", "mood"}
+    assert (tmp_path / "run" / "metrics.csv").read_text().startswith("step,")
+    from adapters_mtl.registry import AdapterRegistry
+
+    card = AdapterRegistry(tmp_path / "reg").show("topic")["card"]
+    assert (
+        card["metrics"]["accuracy"] == summary["test"]["topic"]["accuracy"]
+        and card["recipe"]["train"]["steps"] == 2
+    )
+    with pytest.raises(RecipeError, match=r"train: unknown key\(s\) \['stepz'\]"):
+        load_recipe(path, ["train.stepz=3"])
+    with pytest.raises(RecipeError, match=r"tasks\[0\]: .*kind 'ner' is not supported"):
+        load_recipe(path, ["tasks.0.kind=ner"])
+    with pytest.raises(RecipeError, match=r"unknown top-level key\(s\) \['trian'\]"):
+        load_recipe(path, ["trian.steps=1"])
+
+
+def test_shipped_recipes_validate():
+    from pathlib import Path
+
+    from adapters_mtl.recipe import load_recipe
+
+    for path in sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")):
+        recipe = load_recipe(path)
+        assert recipe["tasks"] and recipe["train"].steps > 0, path
