@@ -149,7 +149,9 @@ class MultiTaskTrainer:
 
     # ------------------------------------------------------------------ batches and losses
     def _batch(self) -> tuple[dict, list[str]]:
-        B = self.cfg.batch_size
+        # Every process draws the same global batch (same seeds) and keeps its own slice, so N processes
+        # of batch_size rows see exactly the rows one process of N·batch_size rows would.
+        B = self.cfg.batch_size * self.acc.num_processes
         active = [t for t in self.tasks if not self.best[t]["stopped"]] or list(self.tasks)
         if self.cfg.batching == "per_task":
             task = self.sampler.sample(self.step)
@@ -158,8 +160,10 @@ class MultiTaskTrainer:
             rows = [task] * B
         else:
             rows = [t if t in active else active[0] for t in self.sampler.sample_rows(B, self.step)]
-        features = [self.train_sets[t][self.streams[t].next()] for t in rows]
-        batch = self.collate(features)
+        indices = [self.streams[t].next() for t in rows]
+        lo = self.acc.process_index * self.cfg.batch_size
+        rows, indices = rows[lo : lo + self.cfg.batch_size], indices[lo : lo + self.cfg.batch_size]
+        batch = self.collate([self.train_sets[t][i] for t, i in zip(rows, indices, strict=True)])
         return {k: v.to(self.acc.device) for k, v in batch.items()}, rows
 
     def _losses(self, batch: dict, rows: list[str]) -> dict[str, torch.Tensor]:
@@ -218,7 +222,9 @@ class MultiTaskTrainer:
                 self._evaluate_all()
                 self.model.train()
             if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
-                self.save_checkpoint(Path(self.cfg.output_dir) / "checkpoint")
+                if self.acc.is_main_process:  # one writer
+                    self.save_checkpoint(Path(self.cfg.output_dir) / "checkpoint")
+                self.acc.wait_for_everyone()
         bar.close()
         if self.step >= self.cfg.steps:
             self._restore_best()
