@@ -82,7 +82,7 @@ class LoraConfig:
             problems.append(f"r must be a positive int, got {self.r!r}")
         if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
             problems.append(f"alpha must be a positive number, got {self.alpha!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in ("default", "gaussian", "random", "zeros"):
             problems.append(f"init must be 'default', 'gaussian', 'random' or 'zeros', got {self.init!r}")
@@ -193,10 +193,19 @@ class PrefixConfig:
     method: str = field(default="prefix", init=False)
 
     def __post_init__(self) -> None:
+        problems = []
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
-            raise ValueError(
-                f"invalid PrefixConfig: num_virtual_tokens must be a positive int, got {self.num_virtual_tokens!r}"
+            problems.append(f"num_virtual_tokens must be a positive int, got {self.num_virtual_tokens!r}")
+        if not isinstance(self.init_std, (int, float)) or self.init_std < 0:
+            problems.append(f"init_std must be a number >= 0, got {self.init_std!r}")
+        if self.encoder_hidden_size is not None and (
+            not isinstance(self.encoder_hidden_size, int) or self.encoder_hidden_size <= 0
+        ):
+            problems.append(
+                f"encoder_hidden_size must be a positive int or None, got {self.encoder_hidden_size!r}"
             )
+        if problems:
+            raise ValueError("invalid PrefixConfig: " + "; ".join(problems))
 
     def to_peft(self, **extra: Any):
         """The equivalent ``peft.PrefixTuningConfig``."""
@@ -251,6 +260,8 @@ class HeadConfig:
             problems.append(f"kind must be one of {_HEAD_KINDS}, got {self.kind!r}")
         if not isinstance(self.num_labels, int) or self.num_labels <= 0:
             problems.append(f"num_labels must be a positive int, got {self.num_labels!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.pooling not in _POOLINGS:
             problems.append(f"pooling must be one of {_POOLINGS}, got {self.pooling!r}")
         if self.label_names is not None and len(self.label_names) != self.num_labels:

@@ -81,6 +81,7 @@ class AdapterModel(nn.Module):
 
     @property
     def active_adapter(self) -> str | None:
+        """The adapter plain calls use (see :meth:`activate`); None = the bare base."""
         return self._active
 
     def adapter_config(self, name: str) -> tuple[LoraConfig | PrefixConfig, ...]:
@@ -89,6 +90,7 @@ class AdapterModel(nn.Module):
         return self._configs[name]
 
     def head_config(self, name: str) -> HeadConfig | None:
+        """The head of ``name``, or None if it has none."""
         return self._head_configs.get(name)
 
     def add_adapter(
@@ -164,6 +166,7 @@ class AdapterModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def set_trainable(self, name: str, trainable: bool = True) -> None:
+        """Freeze (False) or unfreeze (True) every parameter of ``name``, head included."""
         for p in self.adapter_parameters(name).values():
             p.requires_grad_(trainable)
 
@@ -189,6 +192,7 @@ class AdapterModel(nn.Module):
     # ------------------------------------------------------------------ merging
     @property
     def merged_adapter(self) -> str | None:
+        """The adapter folded into the base weights by :meth:`merge`, or None."""
         m = self._methods.get("lora")
         return m.merged() if m is not None else None
 

@@ -18,14 +18,7 @@ from torch import nn
 
 from ..routing import Route
 
-__all__ = [
-    "ATTN_IMPLEMENTATION",
-    "PrefixBank",
-    "PrefixContext",
-    "PrefixSelection",
-    "attention_geometry",
-    "find_self_attention",
-]
+__all__ = ["PrefixBank", "PrefixMethod", "attention_geometry"]
 
 ATTN_IMPLEMENTATION = "adapters_mtl_sdpa"
 
