@@ -120,10 +120,14 @@ class MultiTaskTrainer:
             )
         self.cfg, self.tasks, self.shared = config, tasks, list(shared)
         torch.manual_seed(config.seed)
+        from accelerate import DistributedDataParallelKwargs
+
+        # adapters of tasks absent from a batch get no gradient: DDP must allow unused parameters
         self.acc = Accelerator(
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.grad_accum,
             cpu=not torch.cuda.is_available(),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         self.train_sets = {t: d.encode(tokenizer, "train") for t, d in tasks.items()}
         self.collate = DataCollatorWithPadding(tokenizer)
