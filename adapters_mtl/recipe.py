@@ -117,7 +117,7 @@ def _load_base(spec: str):
 
 
 def run_recipe(recipe: dict) -> dict:
-    """Train every task's adapter, write ``metrics.csv`` and ``results.json``, publish to the registry."""
+    """Train every task's adapter, write ``metrics.csv``, ``training.png`` and ``results.json``, publish."""
     from .model import AdapterModel
     from .registry import AdapterRegistry
     from .tasks import load_task
@@ -138,6 +138,11 @@ def run_recipe(recipe: dict) -> dict:
         writer = csv.DictWriter(fh, fieldnames=keys)
         writer.writeheader()
         writer.writerows(result["history"])
+    from .training.plots import plot_history
+
+    plot = plot_history(
+        result["history"], out / "training.png", title=f"{', '.join(tasks)} ({result['step']} steps)"
+    )
     test = {t: trainer.evaluate(t, "test") for t in tasks}
     published = {}
     if recipe["registry"] is not None:
@@ -150,6 +155,7 @@ def run_recipe(recipe: dict) -> dict:
         "best": result["best"],
         "published": published,
         "output_dir": str(out),
+        "plot": str(plot),
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary

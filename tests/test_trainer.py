@@ -144,6 +144,7 @@ def test_cli_train_runs_a_recipe_and_publishes(tmp_path, setup, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2 and set(summary["published"]) == {"topic", "mood"}
     assert (tmp_path / "run" / "metrics.csv").read_text().startswith("step,")
+    assert (tmp_path / "run" / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from adapters_mtl.registry import AdapterRegistry
 
     card = AdapterRegistry(tmp_path / "reg").show("topic")["card"]
