@@ -175,8 +175,8 @@ class AdapterModel(nn.Module):
 
         O(1): one dict look-up and one assignment per method, whatever the number of adapters/layers.
         """
-        if name is not None and name not in self._configs:
-            self._check_known([name])
+        name = _stack(name)
+        self._check_known([name])
         merged = self.merged_adapter
         if merged is not None and name != merged:
             raise RuntimeError(
@@ -241,8 +241,10 @@ class AdapterModel(nn.Module):
         """Run the base model with per-row adapters.
 
         Args:
-            adapters: one adapter name (or ``None``) per row, a single name for every row, or omitted
-                to use the active adapter. Rows must be in batch order.
+            adapters: one entry per row, in batch order: an adapter name, ``None`` (bare base), or a
+                tuple of names (a stack, e.g. ``("shared", "news")``: their LoRA updates add up, at most
+                one prefix, the head of the last adapter that has one). Per-row entries come as a list;
+                a single name or tuple applies to every row; omitted: the active adapter.
             *args, **kwargs: the base model's usual inputs (``input_ids``, ``attention_mask``, ...).
 
         Returns:
@@ -264,7 +266,8 @@ class AdapterModel(nn.Module):
 
     def _call(self, names: list[str | None], args, kwargs):
         self._refuse_checkpointing(names)
-        with_head = [n for n in dict.fromkeys(names) if n is not None and n in self.heads]
+        row_heads = [self._head_of(n) for n in names]
+        with_head = [n for n in dict.fromkeys(row_heads) if n is not None]
         if not with_head:
             return self.base(*args, **kwargs)
         kwargs = {k: v for k, v in kwargs.items() if k != "labels"}
@@ -274,7 +277,7 @@ class AdapterModel(nn.Module):
         mask = kwargs.get("attention_mask")
         result = AdapterOutput(last_hidden_state=hidden, row_logits=[None] * len(names))
         for name in with_head:
-            rows_list = [i for i, n in enumerate(names) if n == name]
+            rows_list = [i for i, n in enumerate(row_heads) if n == name]
             rows = torch.tensor(rows_list, device=hidden.device)
             logits = self.heads[name](
                 hidden.index_select(0, rows),
@@ -287,18 +290,24 @@ class AdapterModel(nn.Module):
         return result
 
     # ------------------------------------------------------------------ internals
+    def _head_of(self, entry) -> str | None:
+        """The head a row uses: its adapter's, or for a stack the last adapter's that has one."""
+        names = entry if isinstance(entry, tuple) else (entry,)
+        return next((n for n in reversed(names) if n is not None and n in self.heads), None)
+
     def _refuse_checkpointing(self, names: list[str | None]) -> None:
         # Activation checkpointing recomputes layers during backward, after this call's routing has
         # ended, so the recomputation would run other adapters. Until routing is captured per layer,
         # refuse the combinations that would be wrong instead of training on garbage.
-        if not (
-            self.training
-            and torch.is_grad_enabled()
-            and getattr(self.base, "is_gradient_checkpointing", False)
-        ):
+        if not (self.training and torch.is_grad_enabled()):
+            return
+        checkpointing = getattr(self.base, "is_activation_checkpointing", None)
+        if checkpointing is None:  # older transformers name
+            checkpointing = getattr(self.base, "is_gradient_checkpointing", False)
+        if not checkpointing:
             return
         routed = any(n != self._active for n in names)
-        prefix = any(n is not None and "prefix" in self._method_names(n) for n in set(names))
+        prefix = any("prefix" in self._method_names(n) for n in _flat(names))
         if routed or prefix:
             raise NotImplementedError(
                 "gradient checkpointing works only with the active LoRA adapter for now (activate(name), then "
@@ -346,8 +355,8 @@ class AdapterModel(nn.Module):
     def _is_causal(self) -> bool:
         return any(getattr(m, "is_causal", False) and hasattr(m, "layer_idx") for m in self.base.modules())
 
-    def _check_known(self, names: Sequence[str | None]) -> None:
-        unknown = sorted({n for n in names if n is not None and n not in self._configs})
+    def _check_known(self, names: Sequence) -> None:
+        unknown = sorted({n for n in _flat(names) if n not in self._configs})
         if unknown:
             raise KeyError(
                 f"unknown adapter(s) {unknown}; attached adapters: {self.adapter_names or 'none'}. "
@@ -355,21 +364,26 @@ class AdapterModel(nn.Module):
             )
 
     def _row_names(self, adapters: Any, batch_size: int) -> list[str | None]:
-        if adapters is None or isinstance(adapters, str):
-            names = [adapters] * batch_size
-        elif isinstance(adapters, (list, tuple)):
+        if adapters is None or isinstance(
+            adapters, (str, tuple)
+        ):  # one entry (a tuple is a stack) for all rows
+            names = [_stack(adapters)] * batch_size
+        elif isinstance(adapters, list):
             names = list(adapters)
             if len(names) != batch_size:
                 raise ValueError(
                     f"adapters has {len(names)} entries but the batch has {batch_size} rows: pass one adapter "
                     "name (or None for the bare base model) per row, or a single name for every row."
                 )
-            bad = [(i, a) for i, a in enumerate(names) if a is not None and not isinstance(a, str)]
+            names = [_stack(a) for a in names]
+            bad = [(i, a) for i, a in enumerate(names) if a is not None and not isinstance(a, (str, tuple))]
             if bad:
-                raise TypeError(f"adapters entries must be str or None; got {bad[:5]} (row, value)")
+                raise TypeError(
+                    f"adapters entries must be a name, None, or a tuple of names (a stack); got {bad[:5]} (row, value)"
+                )
         else:
             raise TypeError(
-                f"adapters must be a name, None, or a list of names/None per row; got {type(adapters).__name__}"
+                f"adapters must be a name, a tuple (stack), None, or a list with one entry per row; got {type(adapters).__name__}"
             )
         self._check_known(names)
         merged = self.merged_adapter
@@ -382,6 +396,22 @@ class AdapterModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, active={self._active!r}, merged={self.merged_adapter!r}"
+
+
+def _stack(entry):
+    """Normalise a routing entry: a list/tuple of names is a stack (a 1-element stack is just the name)."""
+    if isinstance(entry, (list, tuple)):
+        entry = tuple(entry)
+        return entry[0] if len(entry) == 1 else entry
+    return entry
+
+
+def _flat(entries) -> list[str]:
+    """Every adapter name in a list of routing entries (stacks flattened, None dropped)."""
+    out = []
+    for e in entries:
+        out.extend(e if isinstance(e, tuple) else ([e] if e is not None else []))
+    return out
 
 
 def _batch_size(args, kwargs) -> int:

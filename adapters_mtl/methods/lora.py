@@ -208,13 +208,21 @@ class LoraLayer(nn.Module):
         if not self.slots:
             return out
         sel = self._route.lora
+        if isinstance(sel, tuple):  # a stack: the levels' updates add up
+            for level in sel:
+                out = out + self._delta(x, level, out.dtype)
+            return out
+        return out + self._delta(x, sel, out.dtype)
+
+    def _delta(self, x: torch.Tensor, sel, dtype) -> torch.Tensor | float:
+        """The LoRA update of one routing level (0. when no row of it uses this layer)."""
         if isinstance(sel, int):
             name = self._name_of_slot.get(sel)
             if name is None or name == self.merged:
-                return out
+                return 0.0
             A, B = self.lora_A[name], self.lora_B[name]
             h = F.linear(self._dropout(x, self.dropout[name]), A.to(x.dtype))  # (..., r)
-            return out + F.linear(h, B.to(x.dtype)) * self.scaling[name]
+            return F.linear(h, B.to(x.dtype)) * self.scaling[name]
         rows = sel.for_batch(x.shape[0])
         if self.merged is not None:
             raise RuntimeError(
@@ -222,8 +230,8 @@ class LoraLayer(nn.Module):
                 "would see its update too; call unmerge() before routing a mixed batch."
             )
         if self._route.strategy == "group":
-            return out + self._grouped(x, rows).to(out.dtype)
-        return out + self._gathered(x, rows).to(out.dtype)
+            return self._grouped(x, rows).to(dtype)
+        return self._gathered(x, rows).to(dtype)
 
     def _gathered(self, x: torch.Tensor, rows: MixedRows) -> torch.Tensor:
         """Gather each row's A/B, then two batched matmuls: cost independent of how many adapters."""
@@ -387,8 +395,19 @@ class LoraMethod:
                 out[f"{path}.{key}"] = p
         return out
 
-    def selection(self, names: list[str | None]) -> int | MixedRows:
-        """Turn one adapter name (or None) per row into this method's routing for the call."""
+    def selection(self, names: list) -> int | MixedRows | tuple:
+        """Turn one entry per row (a name, None, or a tuple = a stack) into this method's routing.
+
+        A stack becomes one level per position (level k holds each row's k-th LoRA adapter); layers add
+        the levels' updates, so ("shared", "news") computes W·x + Δshared·x + Δnews·x.
+        """
+        stacks = [tuple(n for n in (e if isinstance(e, tuple) else (e,)) if n in self.slot) for e in names]
+        depth = max((len(s) for s in stacks), default=0)
+        if depth <= 1:
+            return self._level([s[0] if s else None for s in stacks])
+        return tuple(self._level([s[k] if k < len(s) else None for s in stacks]) for k in range(depth))
+
+    def _level(self, names: list[str | None]) -> int | MixedRows:
         slots = [self.slot.get(n, 0) if n is not None else 0 for n in names]
         first = slots[0]
         if all(s == first for s in slots):

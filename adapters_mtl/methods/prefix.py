@@ -311,8 +311,15 @@ class PrefixMethod:
     def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
         return {f"prefix.{k}": p for k, p in self.bank.adapter_params(name).items()}
 
-    def selection(self, names: list[str | None]) -> PrefixSelection | None:
-        rows = [n if n in self.lengths else None for n in names]
+    def selection(self, names: list) -> PrefixSelection | None:
+        rows = []
+        for entry in names:
+            found = [n for n in (entry if isinstance(entry, tuple) else (entry,)) if n in self.lengths]
+            if len(found) > 1:
+                raise ValueError(
+                    f"a row stacks prefix adapters {found}: a stack can hold at most one prefix adapter"
+                )
+            rows.append(found[0] if found else None)
         if all(n is None for n in rows):
             return None
         if all(n == rows[0] for n in rows):
