@@ -1,7 +1,9 @@
 """Recipes: flat, commented YAML files → validated objects → a training run.
 
 A recipe has the keys ``base`` (``minilm``, ``smollm2`` or a local model folder), ``tasks`` (a list of
-TaskSpec fields), ``adapter`` (``lora:`` and/or ``prefix:`` config fields, used for every task), ``train``
+TaskSpec fields), ``adapter`` (``lora:`` and/or ``prefix:`` config fields, used for every task; ``shared:``
+LoRA fields of the shared adapter when ``train.sharing`` is ``shared`` or ``adversarial``, default the
+task adapters' LoRA), ``train``
 (TrainConfig fields) and ``registry`` (a registry root, ``default``, or ``null`` to skip publishing).
 ``key.sub=value`` overrides (YAML-parsed values) change any leaf, e.g. ``train.steps=5``.
 """
@@ -85,17 +87,30 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
         if src.suffix and not src.is_absolute() and not src.exists() and (path.parent / src).exists():
             object.__setattr__(spec, "source", str(path.parent / src))  # sources relative to the recipe
     adapter = raw.get("adapter") or {"lora": {}}
-    unknown = sorted(set(adapter) - {"lora", "prefix"})
+    unknown = sorted(set(adapter) - {"lora", "prefix", "shared"})
     if unknown:
-        raise RecipeError(f"adapter: unknown method(s) {unknown}; expected 'lora' and/or 'prefix'")
+        raise RecipeError(
+            f"adapter: unknown key(s) {unknown}; expected 'lora' and/or 'prefix' (and 'shared')"
+        )
     configs = []
     if "lora" in adapter:
         configs.append(_build(LoraConfig, dict(adapter["lora"] or {}), "adapter.lora"))
     if "prefix" in adapter:
         configs.append(_build(PrefixConfig, dict(adapter["prefix"] or {}), "adapter.prefix"))
     train = _build(TrainConfig, dict(raw.get("train") or {}), "train")
+    shared = None
+    if train.sharing != "none":
+        fields = adapter.get("shared", adapter.get("lora"))
+        if fields is None:
+            raise RecipeError(
+                f"train.sharing={train.sharing!r} needs a shared LoRA adapter: add adapter.shared "
+                "(LoRA fields, e.g. {r: 8, targets: [query, value]}) or adapter.lora"
+            )
+        shared = _build(LoraConfig, dict(fields or {}), "adapter.shared")
+        if any(c.method != "lora" for c in configs):
+            raise RecipeError("train.sharing works with LoRA task adapters only; remove adapter.prefix")
     return {"raw": raw, "base": raw.get("base", "minilm"), "tasks": tasks, "adapter": configs, "train": train,
-            "registry": raw.get("registry", "default")}  # fmt: skip
+            "shared": shared, "registry": raw.get("registry", "default")}  # fmt: skip
 
 
 def _load_base(spec: str):
@@ -125,6 +140,8 @@ def run_recipe(recipe: dict) -> dict:
 
     base, tokenizer = _load_base(recipe["base"])
     model = AdapterModel(base)
+    if recipe.get("shared") is not None:
+        model.add_adapter(recipe["train"].shared_adapter, recipe["shared"])
     tasks = {}
     for spec in recipe["tasks"]:
         tasks[spec.name] = load_task(spec)

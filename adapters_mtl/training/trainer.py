@@ -16,9 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
+from ..merging import add_cat, lora_factors
 from ..model import AdapterModel
 from ..tasks import TaskData, accuracy, macro_f1
+from .adversarial import TaskDiscriminator
 from .sampler import TaskSampler
 from .weighting import make_weighting
 
@@ -37,7 +40,14 @@ class TrainConfig:
         weighting / weighting_args: a loss weighting method (static, uncertainty, dwa, gradnorm, pcgrad).
         grad_accum / max_grad_norm / mixed_precision: passed to Accelerate (``no`` | ``bf16`` | ``fp16``).
         eval_every / patience: validation schedule and per-task early stopping (None: never stop).
+            DWA's "epochs" are ``eval_every`` steps.
         checkpoint_every: steps between checkpoints in ``output_dir/checkpoint``.
+        sharing: ``none`` (one adapter per task), ``shared`` (every row runs the stack
+            (``shared_adapter``, task): hierarchical sharing) or ``adversarial`` (``shared`` plus a task
+            discriminator on the shared adapter's own representation, behind a gradient-reversal layer).
+            At the end each task's best (shared, task) stack is folded into one self-contained adapter.
+        adversarial_weight / grl_lambda: weight of the discriminator loss and strength of the reversal.
+        log_with: Accelerate trackers, e.g. ``["tensorboard"]`` (logs in ``output_dir``).
     """
 
     steps: int = 100
@@ -57,11 +67,20 @@ class TrainConfig:
     checkpoint_every: int | None = None
     seed: int = 0
     output_dir: str = "runs/default"
+    sharing: str = "none"
+    shared_adapter: str = "shared"
+    adversarial_weight: float = 0.1
+    grl_lambda: float = 1.0
+    log_with: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         problems = []
         if self.batching not in ("per_task", "mixed"):
             problems.append(f"batching must be 'per_task' or 'mixed', got {self.batching!r}")
+        if self.sharing not in ("none", "shared", "adversarial"):
+            problems.append(f"sharing must be 'none', 'shared' or 'adversarial', got {self.sharing!r}")
+        if isinstance(self.log_with, str):
+            self.log_with = [self.log_with]
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             problems.append(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         for key in ("steps", "batch_size", "grad_accum", "eval_every"):
@@ -96,21 +115,41 @@ class _Stream:
         self._perm = self._permutation()
 
 
+class _Step(nn.Module):
+    """What Accelerate prepares (and DDP wraps): the routed model plus the optional task discriminator, so
+    the discriminator's gradients are synchronised like the adapters'."""
+
+    def __init__(self, model: AdapterModel, discriminator: TaskDiscriminator | None) -> None:
+        super().__init__()
+        self.model, self.discriminator = model, discriminator
+
+    def forward(self, adapters, discriminate_from: int | None = None, **inputs):
+        out = self.model(**inputs, adapters=adapters)
+        if discriminate_from is None:
+            return out, None
+        # the shared adapter's own representation of rows [discriminate_from:], mean-pooled over tokens
+        hidden = out.last_hidden_state[discriminate_from:]
+        mask = inputs["attention_mask"][discriminate_from:].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return out, self.discriminator(pooled)
+
+
 class MultiTaskTrainer:
     """Train the adapters of ``tasks`` on ``model``.
 
     Args:
-        model: an :class:`AdapterModel` holding one adapter with a head per task (same names as the tasks).
+        model: an :class:`AdapterModel` holding one adapter with a head per task (same names as the tasks),
+            plus, with ``sharing`` other than ``none``, a LoRA adapter named ``config.shared_adapter``.
         tokenizer: the base model's tokenizer.
         tasks: ``{name: TaskData}``.
         config: :class:`TrainConfig`.
-        shared: parameters shared by all tasks (for GradNorm/PCGrad); default: none.
+        shared: parameters shared by all tasks (for GradNorm/PCGrad); default: the shared adapter's.
     """
 
     def __init__(
         self, model: AdapterModel, tokenizer, tasks: dict[str, TaskData], config: TrainConfig, shared=()
     ) -> None:
-        from accelerate import Accelerator
+        from accelerate import Accelerator, DistributedDataParallelKwargs
         from transformers import DataCollatorWithPadding
 
         missing = [t for t in tasks if t not in model.adapter_names or t not in model.heads]
@@ -118,17 +157,31 @@ class MultiTaskTrainer:
             raise ValueError(
                 f"tasks {missing} have no adapter with a head in the model; add_adapter(name, config, head=...) first"
             )
-        self.cfg, self.tasks, self.shared = config, tasks, list(shared)
+        self.cfg, self.tasks = config, tasks
+        self.shared_name = None if config.sharing == "none" else config.shared_adapter
+        if self.shared_name is not None:
+            self._check_sharing(model)
+        self.shared = list(shared) or (
+            list(model.adapter_parameters(self.shared_name).values()) if self.shared_name else []
+        )
+        if config.weighting in ("gradnorm", "pcgrad") and not self.shared:
+            raise ValueError(
+                f"weighting {config.weighting!r} works on shared parameters and there are none: "
+                "set sharing: shared (a shared adapter stacked under the task adapters) or pick static, "
+                "uncertainty or dwa"
+            )
         torch.manual_seed(config.seed)
-        from accelerate import DistributedDataParallelKwargs
-
         # adapters of tasks absent from a batch get no gradient: DDP must allow unused parameters
         self.acc = Accelerator(
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.grad_accum,
             cpu=not torch.cuda.is_available(),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            log_with=list(config.log_with) or None,
+            project_dir=config.output_dir,
         )
+        if config.log_with:
+            self.acc.init_trackers("train", config={k: str(v) for k, v in asdict(config).items()})
         self.train_sets = {t: d.encode(tokenizer, "train") for t, d in tasks.items()}
         self.collate = DataCollatorWithPadding(tokenizer)
         self.tokenizer = tokenizer
@@ -138,18 +191,62 @@ class MultiTaskTrainer:
             t: _Stream(len(ds), config.seed + i) for i, (t, ds) in enumerate(self.train_sets.items())
         }
         self.weighting = make_weighting(config.weighting, list(tasks), **config.weighting_args)
-        params = model.trainable_parameters()
-        if isinstance(self.weighting, torch.nn.Module) and config.weighting == "uncertainty":
-            params += list(self.weighting.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
+        discriminator = None
+        if config.sharing == "adversarial":
+            ref = next(model.base.parameters())
+            discriminator = TaskDiscriminator(_hidden_size(model), len(tasks), lambda_=config.grl_lambda)
+            discriminator.to(device=ref.device)
+        self.step_module = _Step(model, discriminator)
         self.inner = model
+        self.named = self._named_trainables()
+        self.optimizer = torch.optim.AdamW(
+            list(self.named.values()), lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.model, self.optimizer = self.acc.prepare(self.step_module, self.optimizer)
         self.step = 0
+        self.folded = False
         self.history: list[dict] = []
         self.best: dict[str, dict] = {
             t: {"score": -math.inf, "step": 0, "bad_evals": 0, "stopped": False} for t in tasks
         }
         self._best_tensors: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _check_sharing(self, model: AdapterModel) -> None:
+        name = self.shared_name
+        if name not in model.adapter_names:
+            raise ValueError(
+                f"sharing={self.cfg.sharing!r} needs a shared LoRA adapter named {name!r} in the model: "
+                f"add_adapter({name!r}, LoraConfig(...)) without a head (or set shared_adapter)"
+            )
+        if name in self.tasks or name in model.heads:
+            raise ValueError(f"the shared adapter {name!r} must not be a task and must not have a head")
+        not_lora = [n for n in [name, *self.tasks] if model._method_names(n) != ["lora"]]
+        if not_lora:
+            raise ValueError(
+                f"sharing folds each (shared, task) stack into one LoRA adapter, so every adapter must be LoRA "
+                f"only; {not_lora} are not. Use sharing: none for prefix adapters."
+            )
+
+    def _named_trainables(self) -> dict[str, nn.Parameter]:
+        """Every parameter the optimiser updates, under a stable name (checkpoint keys)."""
+        named = {f"{t}::{k}": p for t in self.tasks for k, p in self.inner.adapter_parameters(t).items()}
+        if self.shared_name:
+            named.update(
+                {
+                    f"{self.shared_name}::{k}": p
+                    for k, p in self.inner.adapter_parameters(self.shared_name).items()
+                }
+            )
+        if isinstance(self.weighting, nn.Module) and self.cfg.weighting == "uncertainty":
+            named.update({f"weighting::{k}": p for k, p in self.weighting.named_parameters()})
+        if self.step_module.discriminator is not None:
+            named.update(
+                {f"discriminator::{k}": p for k, p in self.step_module.discriminator.named_parameters()}
+            )
+        return named
+
+    def _route(self, task: str):
+        return (self.shared_name, task) if self.shared_name and not self.folded else task
 
     # ------------------------------------------------------------------ batches and losses
     def _batch(self) -> tuple[dict, list[str]]:
@@ -171,8 +268,14 @@ class MultiTaskTrainer:
         return {k: v.to(self.acc.device) for k, v in batch.items()}, rows
 
     def _losses(self, batch: dict, rows: list[str]) -> dict[str, torch.Tensor]:
+        """Per-task losses, plus ``"adversary"`` (the discriminator's loss) with adversarial sharing."""
         labels = batch.pop("labels")
-        out = self.model(**batch, adapters=rows)
+        adapters = [self._route(t) for t in rows]
+        adversarial = self.step_module.discriminator is not None
+        if adversarial:  # the same rows again through the shared adapter alone, in the same routed call
+            batch = {k: torch.cat([v, v]) for k, v in batch.items()}
+            adapters = adapters + [self.shared_name] * len(rows)
+        out, disc_logits = self.model(adapters, len(rows) if adversarial else None, **batch)
         losses = {}
         for task, head in out.heads.items():
             y = labels.index_select(0, head.rows)
@@ -180,7 +283,24 @@ class MultiTaskTrainer:
                 losses[task] = torch.nn.functional.mse_loss(head.logits.squeeze(-1).float(), y.float())
             else:
                 losses[task] = torch.nn.functional.cross_entropy(head.logits.float(), y.long())
+        if adversarial:
+            task_ids = torch.tensor([list(self.tasks).index(t) for t in rows], device=disc_logits.device)
+            losses["adversary"] = torch.nn.functional.cross_entropy(disc_logits.float(), task_ids)
         return losses
+
+    def _backward(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+        adversary = losses.pop("adversary", None)
+        extra = self.cfg.adversarial_weight * adversary if adversary is not None else 0.0
+        if hasattr(self.weighting, "total"):  # one weighted sum: backward through Accelerate
+            self.acc.backward(self.weighting.total(losses) + extra)
+            weights = self.weighting.last
+        else:  # gradient surgery / GradNorm work on per-task gradients themselves (they add to .grad)
+            if adversary is not None:
+                self.acc.backward(extra, retain_graph=True)
+            weights = self.weighting.backward(losses, self.shared)
+        if adversary is not None:
+            losses["adversary"] = adversary
+        return weights
 
     # ------------------------------------------------------------------ loop
     def train(self, resume_from: str | Path | None = None, stop_after: int | None = None) -> dict:
@@ -203,13 +323,9 @@ class MultiTaskTrainer:
                 with self.acc.accumulate(self.model):
                     batch, rows = self._batch()
                     losses = self._losses(batch, rows)
-                    if hasattr(self.weighting, "total"):  # one weighted sum: backward through Accelerate
-                        self.acc.backward(self.weighting.total(losses))
-                        weights = self.weighting.last
-                    else:  # gradient surgery / GradNorm work on per-task gradients themselves
-                        weights = self.weighting.backward(losses, self.shared)
+                    weights = self._backward(losses)
                     if self.acc.sync_gradients and self.cfg.max_grad_norm:
-                        self.acc.clip_grad_norm_(self.inner.trainable_parameters(), self.cfg.max_grad_norm)
+                        self.acc.clip_grad_norm_(list(self.named.values()), self.cfg.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
@@ -224,7 +340,11 @@ class MultiTaskTrainer:
             bar.set_postfix({t: f"{v.item():.3f}" for t, v in losses.items()})
             if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
                 self._evaluate_all()
+                if hasattr(self.weighting, "end_epoch"):
+                    self.weighting.end_epoch()
                 self.model.train()
+            if self.cfg.log_with:
+                self.acc.log({k: v for k, v in self.history[-1].items() if k != "step"}, step=self.step)
             if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                 if self.acc.is_main_process:  # one writer
                     self.save_checkpoint(Path(self.cfg.output_dir) / "checkpoint")
@@ -232,6 +352,8 @@ class MultiTaskTrainer:
         bar.close()
         if self.step >= self.cfg.steps:
             self._restore_best()
+            if self.cfg.log_with:
+                self.acc.end_training()
         return {"step": self.step, "best": self.best, "history": self.history}
 
     # ------------------------------------------------------------------ evaluation
@@ -240,15 +362,20 @@ class MultiTaskTrainer:
         """Accuracy and macro-F1 (classification) or MSE (regression) of ``task`` on ``split``."""
         data = self.tasks[task]
         ds = data.encode(self.tokenizer, split)
-        self.model.eval()
+        was_training = self.inner.training
+        self.inner.eval()
         preds, gold = [], []
         for start in range(0, len(ds), batch_size):
             batch = self.collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
             labels = batch.pop("labels")
-            out = self.model(**{k: v.to(self.acc.device) for k, v in batch.items()}, adapters=task)
+            # every process evaluates the whole split on the unwrapped model (no DDP collectives)
+            out = self.inner(
+                **{k: v.to(self.acc.device) for k, v in batch.items()}, adapters=self._route(task)
+            )
             logits = out.heads[task].logits.float().cpu()
             preds.append(logits.squeeze(-1) if data.spec.kind == "regression" else logits.argmax(-1))
             gold.append(labels)
+        self.inner.train(was_training)
         p, g = torch.cat(preds).numpy(), torch.cat(gold).numpy()
         if data.spec.kind == "regression":
             return {"mse": float(((p - g) ** 2).mean()), "score": -float(((p - g) ** 2).mean())}
@@ -257,6 +384,14 @@ class MultiTaskTrainer:
             "macro_f1": macro_f1(p, g, data.label_names),
             "score": accuracy(p, g),
         }
+
+    def _snapshot(self, task: str) -> dict[str, torch.Tensor]:
+        """The task's adapter and head (and the shared adapter, under ``shared/``) as they are now."""
+        snap = {k: p.detach().clone() for k, p in self.inner.adapter_parameters(task).items()}
+        if self.shared_name:
+            shared = self.inner.adapter_parameters(self.shared_name)
+            snap.update({f"shared/{k}": p.detach().clone() for k, p in shared.items()})
+        return snap
 
     def _evaluate_all(self) -> None:
         for task in self.tasks:
@@ -267,9 +402,7 @@ class MultiTaskTrainer:
             best = self.best[task]
             if metrics["score"] > best["score"]:
                 best.update(score=metrics["score"], step=self.step, bad_evals=0, metrics=metrics)
-                self._best_tensors[task] = {
-                    k: p.detach().clone() for k, p in self.inner.adapter_parameters(task).items()
-                }
+                self._best_tensors[task] = self._snapshot(task)
             else:
                 best["bad_evals"] += 1
                 if self.cfg.patience is not None and best["bad_evals"] >= self.cfg.patience:
@@ -278,44 +411,63 @@ class MultiTaskTrainer:
 
     @torch.no_grad()
     def _restore_best(self) -> None:
-        for task, tensors in self._best_tensors.items():
-            for k, p in self.inner.adapter_parameters(task).items():
-                p.copy_(tensors[k])
+        """Put each task's best adapter back; with sharing, fold its best (shared, task) stack into one
+        self-contained LoRA adapter under the task's name (what the registry publishes) and drop the shared
+        adapter."""
+        if self.folded:
+            return
+        for task in self.tasks:
+            snap = self._best_tensors.get(task) or self._snapshot(task)
+            if not self.shared_name:
+                for k, p in self.inner.adapter_parameters(task).items():
+                    p.copy_(snap[k])
+                continue
+            own = {k: v for k, v in snap.items() if not k.startswith("shared/")}
+            shared = {k[len("shared/") :]: v for k, v in snap.items() if k.startswith("shared/")}
+            parts = [
+                (lora_factors(self.inner, self.shared_name, shared), 1.0),
+                (lora_factors(self.inner, task, own), 1.0),
+            ]
+            head = self.inner.head_config(task)
+            head_state = {k.split(".", 2)[2]: v for k, v in own.items() if k.startswith(f"heads.{task}.")}
+            dropout = max(c.dropout for n in (self.shared_name, task) for c in self.inner.adapter_config(n))
+            self.inner.remove_adapter(task)
+            add_cat(self.inner, task, parts, dropout=dropout, head=head, head_state=head_state)
+        if self.shared_name:
+            self.inner.remove_adapter(self.shared_name)
+        self.folded = True
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: str | Path) -> Path:
-        """Adapter/head tensors, optimiser moments and RNG (safetensors) + counters and samplers (JSON)."""
+        """Trainable tensors, optimiser moments, weighting state and RNG (safetensors) + counters, samplers
+        and history (JSON)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        names = {
-            id(p): k
-            for t in self.tasks
-            for k, p in ((f"{t}::{k}", p) for k, p in self.inner.adapter_parameters(t).items())
-        }
-        tensors = {
-            f"param::{names[id(p)]}": p.detach().contiguous().clone()
-            for t in self.tasks
-            for p in self.inner.adapter_parameters(t).values()
-        }
-        for p, state in (
-            self.optimizer.optimizer.state.items()
-            if hasattr(self.optimizer, "optimizer")
-            else self.optimizer.state.items()
-        ):
-            key = names.get(id(p), f"extra{id(p)}")
+        names = {id(p): k for k, p in self.named.items()}
+        tensors = {f"param::{k}": p.detach().contiguous().clone() for k, p in self.named.items()}
+        for p, state in self._optimizer_state().items():
             for k, v in state.items():
-                tensors[f"optim::{key}::{k}"] = (
+                tensors[f"optim::{names[id(p)]}::{k}"] = (
                     v.detach().contiguous().clone() if torch.is_tensor(v) else torch.tensor(v)
                 )
         tensors["rng::torch"] = torch.get_rng_state()
         for t, best in self._best_tensors.items():
             for k, v in best.items():
                 tensors[f"best::{t}::{k}"] = v.contiguous()
+        if isinstance(self.weighting, nn.Module):  # GradNorm's weights (uncertainty's are in `named`)
+            tensors.update(
+                {f"weighting::{k}": v.detach().clone() for k, v in self.weighting.state_dict().items()}
+            )
         save_file(tensors, str(path / "state.safetensors"))
         meta = {"step": self.step, "sampler": self.sampler.state_dict(), "streams": {t: s.state() for t, s in self.streams.items()},
-                "best": self.best, "history": self.history, "config": asdict(self.cfg)}  # fmt: skip
+                "best": self.best, "history": self.history, "config": asdict(self.cfg),
+                "weighting": _plain_state(self.weighting)}  # fmt: skip
         (path / "trainer_state.json").write_text(json.dumps(meta, default=float))
         return path
+
+    def _optimizer_state(self) -> dict:
+        opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+        return opt.state
 
     @torch.no_grad()
     def load_checkpoint(self, path: str | Path) -> None:
@@ -326,14 +478,22 @@ class MultiTaskTrainer:
             )
         meta = json.loads((path / "trainer_state.json").read_text())
         tensors = load_file(str(path / "state.safetensors"))
-        params = {f"{t}::{k}": p for t in self.tasks for k, p in self.inner.adapter_parameters(t).items()}
-        for key, p in params.items():
+        missing = [k for k in self.named if f"param::{k}" not in tensors]
+        if missing:
+            raise ValueError(
+                f"checkpoint {path} does not match this run (no tensors for {missing[:3]}...): resume with the "
+                "same tasks, adapters, sharing and weighting as the run that wrote it"
+            )
+        state = self._optimizer_state()
+        for key, p in self.named.items():
             p.copy_(tensors[f"param::{key}"])
-        opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-        for key, p in params.items():
-            state = {k.split("::")[-1]: v for k, v in tensors.items() if k.startswith(f"optim::{key}::")}
-            if state:
-                opt.state[p] = state
+            moments = {k.split("::")[-1]: v for k, v in tensors.items() if k.startswith(f"optim::{key}::")}
+            if moments:
+                state[p] = moments
+        if isinstance(self.weighting, nn.Module):
+            own = {k[len("weighting::") :]: v for k, v in tensors.items() if k.startswith("weighting::")}
+            self.weighting.load_state_dict(own)
+        _load_plain_state(self.weighting, meta.get("weighting", {}))
         torch.set_rng_state(tensors["rng::torch"])
         self._best_tensors = {}
         for k, v in tensors.items():
@@ -345,3 +505,23 @@ class MultiTaskTrainer:
         for t, s in meta["streams"].items():
             self.streams[t].load(s)
         self.best, self.history = meta["best"], meta["history"]
+
+
+# JSON-able attributes of the weighting methods that change while training (DWA's loss history, GradNorm's
+# initial losses); tensors go to safetensors.
+_PLAIN_KEYS = ("history", "_sums", "_counts", "initial")
+
+
+def _plain_state(weighting) -> dict:
+    return {k: getattr(weighting, k) for k in _PLAIN_KEYS if hasattr(weighting, k)}
+
+
+def _load_plain_state(weighting, state: dict) -> None:
+    for k, v in state.items():
+        setattr(weighting, k, v)
+
+
+def _hidden_size(model: AdapterModel) -> int:
+    cfg = model.base.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return getattr(cfg, "hidden_size", None) or cfg.n_embd

@@ -119,13 +119,9 @@ class DWA:
         return self.last
 
 
-def _task_grads(
-    losses: Losses, shared: Sequence[nn.Parameter], create_graph: bool = False
-) -> dict[str, list]:
+def _task_grads(losses: Losses, shared: Sequence[nn.Parameter]) -> dict[str, list]:
     return {
-        t: torch.autograd.grad(
-            loss, list(shared), retain_graph=True, allow_unused=True, create_graph=create_graph
-        )
+        t: torch.autograd.grad(loss, list(shared), retain_graph=True, allow_unused=True)
         for t, loss in losses.items()
     }
 
@@ -154,10 +150,13 @@ class GradNorm(nn.Module):
         idx = [self.tasks.index(t) for t in names]
         for t, loss in losses.items():
             self.initial.setdefault(t, max(loss.item(), 1e-12))
-        grads = _task_grads(
-            {t: self.w[i] * losses[t] for t, i in zip(names, idx, strict=True)}, shared, create_graph=True
+        # ‖∇(w_i·L_i)‖ = w_i·‖∇L_i‖ (w_i > 0), so the norms are differentiable in w without a second-order
+        # backward through the model (which CPU attention kernels do not implement)
+        grads = _task_grads(losses, shared)
+        raw = torch.stack(
+            [torch.sqrt(sum((g.detach() ** 2).sum() for g in grads[t] if g is not None)) for t in names]
         )
-        norms = torch.stack([torch.sqrt(sum((g**2).sum() for g in grads[t] if g is not None)) for t in names])
+        norms = self.w[idx] * raw.to(self.w.device)
         ratios = torch.tensor([losses[t].item() / self.initial[t] for t in names])
         target = (norms.mean() * (ratios / ratios.mean()) ** self.alpha).detach()
         (grad_w,) = torch.autograd.grad((norms - target).abs().sum(), [self.w], retain_graph=True)
@@ -217,11 +216,14 @@ class PCGrad:
         if self.shuffle:
             self._rng.shuffle(order)
         merged = self.project(flat, order)
+        before = [p.grad.clone() if p.grad is not None else None for p in shared]  # accumulated so far
         sum(losses.values()).backward()  # task-specific parameters: ordinary gradients
         offset = 0
-        for p in shared:  # shared parameters: the projected sum replaces Σ_i g_i
+        for p, prior in zip(shared, before, strict=True):  # shared: the projected sum replaces Σ_i g_i
             n = p.numel()
             p.grad = merged[offset : offset + n].view_as(p).to(p.dtype)
+            if prior is not None:  # earlier gradients (accumulation steps, an adversarial loss) are kept
+                p.grad += prior
             offset += n
         return {t: 1.0 for t in names}
 
