@@ -28,6 +28,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_routing.py
 	$(BIN)/python benchmarks/bench_registry.py
+	$(BIN)/python benchmarks/bench_training.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check adapters_mtl tests benchmarks

@@ -165,6 +165,12 @@ class AdapterModel(nn.Module):
         """Parameters that require grad (adapters and heads only: the base is frozen)."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def compact(self) -> None:
+        """Release spare capacity of the stacked LoRA tensors (after adding or removing many adapters), so
+        memory is the base + the adapters attached. Parameters stay the same objects (optimisers keep working)."""
+        if "lora" in self._methods:
+            self._methods["lora"].compact()
+
     def set_trainable(self, name: str, trainable: bool = True) -> None:
         """Freeze (False) or unfreeze (True) every parameter of ``name``, head included."""
         for p in self.adapter_parameters(name).values():

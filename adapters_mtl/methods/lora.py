@@ -80,6 +80,16 @@ class LoraLayer(nn.Module):
         self.stack_A, self.stack_B, self.scales = new_A, new_B, scales
         self._repoint()
 
+    def _fit(self, slots: int) -> None:
+        """Shrink the stacks to exactly ``slots`` slots and the largest rank in use (spare capacity freed)."""
+        r_max = max(self.ranks.values(), default=1)
+        if self.stack_A.shape[0] == slots and self.stack_A.shape[1] == r_max:
+            return
+        self.stack_A = self.stack_A[:slots, :r_max].clone()
+        self.stack_B = self.stack_B[:slots, :, :r_max].clone()
+        self.scales = self.scales[:slots].clone()
+        self._repoint()
+
     def _repoint(self) -> None:
         for name, slot in self.slots.items():
             r = self.ranks[name]
@@ -447,6 +457,14 @@ class LoraMethod:
         for layer in self.layers.values():
             layer.unmerge()
         self._merged = None
+
+    def compact(self) -> None:
+        """Free the stacks' spare capacity (they grow by doubling, so adding an adapter is amortised O(1))."""
+        while self._next > 1 and self._next - 1 in self._free:  # trailing free slots are given back
+            self._next -= 1
+            self._free.remove(self._next)
+        for layer in self.layers.values():
+            layer._fit(self._next)
 
     def merged(self) -> str | None:
         """The merged adapter (tracked here: read on every routed call, so no walk over layers)."""
