@@ -91,18 +91,9 @@ def _registry_parser(sub) -> None:
 
 def _load_base(spec: str):
     from .model import AdapterModel
+    from .models import load_base
 
-    if spec == "minilm":
-        from .models import load_minilm
-
-        return AdapterModel(load_minilm()[0])
-    if spec == "smollm2":
-        from .models import load_smollm2
-
-        return AdapterModel(load_smollm2()[0])
-    from transformers import AutoModel
-
-    return AdapterModel(AutoModel.from_pretrained(spec, local_files_only=True))
+    return AdapterModel(load_base(spec)[0])
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:

@@ -28,6 +28,7 @@ from transformers import (
 __all__ = [
     "ModelNotInstalledError",
     "cache_dir",
+    "load_base",
     "load_minilm",
     "load_smollm2",
     "minilm_path",
@@ -196,3 +197,27 @@ def load_smollm2(*, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
     _build_cache(target)
     return _load_cached(target, dtype)
+
+
+def load_base(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``"minilm"`` (the packaged encoder), ``"smollm2"`` (the packaged causal LM) or a local model folder
+    (loaded with ``AutoModelForCausalLM`` when its config says it is a causal LM, else ``AutoModel``).
+
+    Raises:
+        ValueError: anything else (hubs are never reached). ModelNotInstalledError: a missing package.
+    """
+    if spec == "minilm":
+        return load_minilm()
+    if spec == "smollm2":
+        return load_smollm2()
+    path = Path(spec)
+    if not path.is_dir():
+        raise ValueError(f"{spec!r} is not 'minilm', 'smollm2' or a local model folder (no hub downloads)")
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    loader = AutoModelForCausalLM if causal else AutoModel
+    return loader.from_pretrained(path, local_files_only=True), AutoTokenizer.from_pretrained(
+        path, local_files_only=True
+    )

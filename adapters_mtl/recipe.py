@@ -113,32 +113,18 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
             "shared": shared, "registry": raw.get("registry", "default")}  # fmt: skip
 
 
-def _load_base(spec: str):
-    if spec == "minilm":
-        from .models import load_minilm
-
-        return load_minilm()
-    if spec == "smollm2":
-        from .models import load_smollm2
-
-        return load_smollm2()
-    from transformers import AutoModel, AutoTokenizer
-
-    if not Path(spec).is_dir():
-        raise RecipeError(f"base: {spec!r} is not 'minilm', 'smollm2' or a local model folder")
-    return AutoModel.from_pretrained(spec, local_files_only=True), AutoTokenizer.from_pretrained(
-        spec, local_files_only=True
-    )
-
-
 def run_recipe(recipe: dict) -> dict:
     """Train every task's adapter, write ``metrics.csv``, ``training.png`` and ``results.json``, publish."""
     from .model import AdapterModel
+    from .models import load_base
     from .registry import AdapterRegistry
     from .tasks import load_task
     from .training.trainer import MultiTaskTrainer
 
-    base, tokenizer = _load_base(recipe["base"])
+    try:
+        base, tokenizer = load_base(recipe["base"])
+    except ValueError as e:
+        raise RecipeError(f"base: {e}") from e
     model = AdapterModel(base)
     if recipe.get("shared") is not None:
         model.add_adapter(recipe["train"].shared_adapter, recipe["shared"])

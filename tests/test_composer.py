@@ -1,0 +1,152 @@
+"""Composer: registry adapters loaded lazily under an LRU budget, O(1) switching, routed predict and
+generate equal to each adapter alone, merges from registry adapters."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import LORA_TARGETS, tiny
+
+from adapters_mtl import AdapterModel, HeadConfig, LoraConfig, PrefixConfig
+from adapters_mtl.composer import Composer, ComposerError
+from adapters_mtl.registry import AdapterRegistry
+
+TEXTS = ["the match ended in a draw", "parliament votes today", "what a lovely day", "stocks fell sharply"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny BERT with the real MiniLM tokenizer, and a registry holding 4 classifiers + a prefix one."""
+    from transformers import AutoTokenizer
+
+    from adapters_mtl.models import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    base = tiny("bert", vocab_size=tok.vocab_size, max_position_embeddings=64).eval()
+    registry = AdapterRegistry(tmp_path_factory.mktemp("reg"))
+    trainer = AdapterModel(copy.deepcopy(base))
+    torch.manual_seed(0)
+    for i, labels in enumerate([("sport", "politics"), ("pos", "neg", "neutral"), ("a", "b"), ("x", "y")]):
+        name = f"task{i}"
+        cfg = LoraConfig(r=2 + i % 2, targets=LORA_TARGETS["bert"], init="random")
+        trainer.add_adapter(name, cfg, head=HeadConfig(num_labels=len(labels), label_names=labels))
+        registry.publish(trainer, adapter=name, task=name)
+    trainer.add_adapter("pre", PrefixConfig(num_virtual_tokens=3), head=HeadConfig(num_labels=2))
+    registry.publish(trainer, adapter="pre", task="pre")
+    with torch.no_grad():  # a second version of task0
+        for p in trainer.adapter_parameters("task0").values():
+            p.mul_(-1)
+    registry.publish(trainer, adapter="task0", task="task0")
+    return base, tok, registry
+
+
+def _composer(world, **kw):
+    base, tok, registry = world
+    return Composer(copy.deepcopy(base), registry=registry, tokenizer=tok, **kw)
+
+
+def test_routed_predict_equals_each_adapter_alone_with_its_labels(world):
+    c = _composer(world)
+    refs = ["task0@1", "task1", "pre", "task0"]  # task0 = latest = version 2
+    mixed = c.predict(TEXTS, adapters=refs)
+    assert [p.adapter for p in mixed] == ["task0@1", "task1@1", "pre@1", "task0@2"]
+    assert set(mixed[1].scores) == {"pos", "neg", "neutral"} and mixed[1].label in mixed[1].scores
+    for text, ref, got in zip(TEXTS, refs, mixed, strict=True):
+        with c.using(ref):
+            alone = c.predict([text])[0]
+        assert alone.label == got.label and alone.score == pytest.approx(got.score, abs=1e-5)
+        torch.testing.assert_close(torch.tensor(list(alone.scores.values())), torch.tensor(list(got.scores.values())), atol=1e-5, rtol=0)  # fmt: skip
+    assert mixed[0].scores != mixed[3].scores  # two versions of one name coexist
+
+
+def test_lru_budget_evicts_least_recent_never_pinned_and_reloads_transparently(world):
+    c = _composer(world, max_adapters=2)
+    first = c.predict(TEXTS[:1], adapters="task1")[0]
+    c.pin("task2")
+    c.load("task3")  # budget 2: task1 (least recent, unpinned) goes
+    assert [e["ref"] for e in c.loaded] == ["task2@1", "task3@1"]
+    assert c.predict(TEXTS[:1], adapters="task1")[0] == first  # reloaded on use, same answer
+    assert [e["ref"] for e in c.loaded] == ["task2@1", "task1@1"] and c.loaded[0]["pinned"]
+    with pytest.raises(ComposerError, match="budget .* cannot hold"):
+        c.predict(TEXTS[:3], adapters=["task0", "task3", "task1"])  # 3 in one batch + pinned task2
+    c2 = _composer(world, max_bytes=1)
+    with pytest.raises(ComposerError, match="cannot hold"):
+        c2.load("task1")
+    assert c2.loaded == [] and c2.model.adapter_names == []  # nothing half-loaded
+
+
+def test_switching_does_not_touch_the_registry_once_loaded(world, monkeypatch):
+    c = _composer(world)
+    c.load("task1")
+    c.load("task2")
+
+    def boom(*a, **k):
+        raise AssertionError("registry consulted")
+
+    monkeypatch.setattr(c.registry, "resolve", boom)
+    for _ in range(3):
+        assert c.use("task1") == "task1" and c.use("task2") == "task2"
+    with c.using("task1"):
+        assert c.active == "task1"
+    assert c.active == "task2"
+    c.use(None)
+    assert c.active is None
+
+
+def test_bad_requests_are_clear(world):
+    c = _composer(world)
+    from adapters_mtl.registry import RegistryError
+
+    with pytest.raises(RegistryError, match="no adapter named 'nope'"):
+        c.predict(TEXTS[:1], adapters="nope")
+    with pytest.raises(ComposerError, match="got 2 adapters for 1 rows"):
+        c.predict(TEXTS[:1], adapters=["task1", "task2"])
+    with pytest.raises(ComposerError, match=r"have no classification head"):
+        c.predict(TEXTS[:1])  # the bare base
+    before = [e["ref"] for e in c.loaded]
+    with pytest.raises(ValueError, match="only LoRA adapters can be merged"):
+        c.merge(["task1", "pre"], into="mix")
+    with pytest.raises(ValueError, match="got 1 weights for 2 adapters"):
+        c.merge(["task1", "task2"], weights=[1.0], into="mix")
+    assert "mix" not in c.model.adapter_names and [e["ref"] for e in c.loaded][: len(before)] == before
+
+
+def test_merge_into_a_new_adapter_and_into_the_base_and_back(world):
+    c = _composer(world)
+    x = c.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        bare = c.model(**x, adapters=None).last_hidden_state
+    c.merge(["task2", "task3"], weights=[0.5, 0.5], method="cat", into="mix")
+    with torch.no_grad():
+        want = c.model(**x, adapters="mix").last_hidden_state
+        c.merge(["task2", "task3"], weights=[0.5, 0.5], method="cat", into="base")
+        torch.testing.assert_close(c.model(**x).last_hidden_state, want, atol=1e-5, rtol=0)
+        c.unmerge()
+        assert torch.equal(c.model(**x, adapters=None).last_hidden_state, bare)  # bit-exact
+    assert c.predict(TEXTS[:1], adapters="mix")[0].label in ("x", "y")  # the last adapter's head
+
+
+def test_routed_generate_equals_each_adapter_alone(tmp_path):
+    from transformers import AutoTokenizer
+
+    from adapters_mtl.models import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    base = tiny("llama", vocab_size=tok.vocab_size).eval()
+    model = AdapterModel(base)
+    torch.manual_seed(0)
+    model.add_adapter("a", LoraConfig(r=4, targets=LORA_TARGETS["llama"], init="random"))
+    model.add_adapter("b", LoraConfig(r=2, targets=LORA_TARGETS["llama"], init="random"))
+    model.add_adapter("p", PrefixConfig(num_virtual_tokens=2))
+    with torch.no_grad():
+        for p in model.adapter_parameters("a").values():
+            p.mul_(30)  # large enough to change greedy tokens
+    c = Composer(model, registry=None, tokenizer=tok)
+    prompts = ["hello there", "a much longer prompt about things", "one", "two words"]
+    refs = ["a", "b", "p", None]
+    mixed = c.generate(prompts, adapters=refs, max_new_tokens=5)
+    alone = [c.generate([p], adapters=[r], max_new_tokens=5)[0] for p, r in zip(prompts, refs, strict=True)]
+    assert mixed == alone
+    assert mixed[0] != c.generate(prompts[:1], adapters=[None], max_new_tokens=5)[0]
