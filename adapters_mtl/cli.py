@@ -34,8 +34,61 @@ def _parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="key=value overrides, e.g. train.steps=5 tasks.0.limit=100"
     )
     train.add_argument("--json", action="store_true", help="print the results as JSON")
+    _serving_parsers(sub)
     _registry_parser(sub)
     return parser
+
+
+def _serving_parsers(sub) -> None:
+    def common(p, base: str) -> None:
+        p.add_argument("--adapter", "-a", action="append", required=True, metavar="REF",
+                       help="registry adapter NAME, NAME@VERSION or NAME@ALIAS (repeatable)")  # fmt: skip
+        p.add_argument(
+            "--base", default=base, help=f"'minilm', 'smollm2' or a local model folder (default {base})"
+        )
+        p.add_argument(
+            "--registry", default=None, help="registry root or fsspec URL (default: the user registry)"
+        )
+        p.add_argument("--json", action="store_true", help="machine-readable JSON output")
+
+    pred = sub.add_parser(
+        "predict",
+        help="classify texts with registry adapters (every text with every --adapter, one routed batch)",
+        description="Load the adapters from the registry onto one base model and classify each text with "
+        "each adapter; rows are routed to their adapter in one batch. Labels come from each adapter's head.",
+    )
+    pred.add_argument(
+        "texts", nargs="+", metavar="TEXT|FILE", help="texts, or .txt files with one text per line"
+    )
+    common(pred, "minilm")
+    gen = sub.add_parser(
+        "generate",
+        help="continue prompts with registry adapters (every prompt with every --adapter, one routed batch)",
+        description="Greedy generation with per-row adapters on one causal LM (default: the packaged SmolLM2).",
+    )
+    gen.add_argument(
+        "texts", nargs="+", metavar="PROMPT|FILE", help="prompts, or .txt files with one per line"
+    )
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    common(gen, "smollm2")
+    merge = sub.add_parser(
+        "merge",
+        help="merge registry LoRA adapters into a new adapter and publish it",
+        description="Merge LoRA adapters in ΔW space (cat, linear, svd, ties, dare_linear, dare_ties, "
+        "magnitude_prune) and publish the result to the registry as NAME (loadable by PEFT).",
+    )
+    merge.add_argument(
+        "--weights", "-w", type=float, nargs="+", help="one weight per --adapter (default 1 each)"
+    )
+    merge.add_argument("--method", default="linear", choices=["cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune"])  # fmt: skip
+    merge.add_argument(
+        "--density", type=float, default=1.0, help="share of values kept (ties, dare_*, magnitude_prune)"
+    )
+    merge.add_argument(
+        "--rank", type=int, default=None, help="rank of SVD-based results (default: the largest input)"
+    )
+    merge.add_argument("--name", required=True, help="registry name of the merged adapter")
+    common(merge, "minilm")
 
 
 def _registry_parser(sub) -> None:
@@ -187,6 +240,51 @@ def _train(args) -> int:
     return 0
 
 
+def _texts(items: list[str]) -> list[str]:
+    from pathlib import Path
+
+    out = []
+    for item in items:
+        path = Path(item)
+        if path.suffix == ".txt" and path.is_file():
+            out.extend(line.strip() for line in path.read_text().splitlines() if line.strip())
+        else:
+            out.append(item)
+    return out
+
+
+def _serve(args) -> int:
+    from .composer import Composer
+
+    composer = Composer(args.base, registry=args.registry or "default")
+    if args.command == "merge":
+        composer.merge(
+            args.adapter, args.weights, args.method, into="merged", density=args.density, rank=args.rank
+        )
+        sources = [composer.registry.resolve(a).ref for a in args.adapter]
+        ref = composer.registry.publish(
+            composer.model, args.name, adapter="merged", task=args.name,
+            description=f"{args.method} merge of {sources} with weights {args.weights or [1.0] * len(sources)}",
+        )  # fmt: skip
+        print(json.dumps({"ref": ref, "sources": sources}) if args.json else f"published {ref}")
+        return 0
+    texts = _texts(args.texts)
+    rows = [(t, a) for t in texts for a in args.adapter]
+    if args.command == "predict":
+        preds = composer.predict([t for t, _ in rows], adapters=[a for _, a in rows])
+        out = [{"text": t, "adapter": p.adapter, "label": p.label, "score": p.score} for (t, _), p in zip(rows, preds, strict=True)]  # fmt: skip
+        columns = ["text", "adapter", "label", "score"]
+    else:
+        gens = composer.generate([t for t, _ in rows], adapters=[a for _, a in rows], max_new_tokens=args.max_new_tokens)  # fmt: skip
+        out = [{"prompt": t, "adapter": a, "output": g} for (t, a), g in zip(rows, gens, strict=True)]
+        columns = ["prompt", "adapter", "output"]
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        _table(args.command, columns, [[f"{r[c]:.3f}" if isinstance(r[c], float) else r[c] for c in columns] for r in out])  # fmt: skip
+    return 0
+
+
 def _plain(out) -> str:
     if isinstance(out, dict):
         return "\n".join(f"{k}: {v}" for k, v in out.items())
@@ -207,9 +305,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "train":
             return _train(args)
+        if args.command in ("predict", "generate", "merge"):
+            return _serve(args)
         return _registry(args)
-    except (RegistryError, AdapterFileError, ValueError, FileNotFoundError) as e:
-        print(f"adapters-mtl: error: {e}", file=sys.stderr)
+    except (RegistryError, AdapterFileError, ValueError, KeyError, FileNotFoundError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() adds quotes
+        print(f"adapters-mtl: error: {message}", file=sys.stderr)
         return 2
 
 

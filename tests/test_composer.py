@@ -150,3 +150,30 @@ def test_routed_generate_equals_each_adapter_alone(tmp_path):
     alone = [c.generate([p], adapters=[r], max_new_tokens=5)[0] for p, r in zip(prompts, refs, strict=True)]
     assert mixed == alone
     assert mixed[0] != c.generate(prompts[:1], adapters=[None], max_new_tokens=5)[0]
+
+
+def test_cli_predict_and_merge(world, tmp_path, capsys):
+    import json
+
+    from adapters_mtl.cli import main
+
+    base, tok, registry = world
+    folder = tmp_path / "base"
+    base.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS[:2]) + "\n")
+    common = ["--base", str(folder), "--registry", str(registry.url), "--json"]
+    assert main(["predict", str(texts), "extra text", "-a", "task1", "-a", "task0@1", *common]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["text"], r["adapter"]) for r in rows][:3] == [(TEXTS[0], "task1@1"), (TEXTS[0], "task0@1"), (TEXTS[1], "task1@1")]  # fmt: skip
+    assert len(rows) == 6 and rows[0]["label"] in ("pos", "neg", "neutral")
+    code = main(["merge", "-a", "task2", "-a", "task3", "-w", "0.5", "0.5", "--method", "ties", "--density", "0.5",
+                 "--name", "mix", *common])  # fmt: skip
+    assert code == 0 and json.loads(capsys.readouterr().out) == {
+        "ref": "mix@1",
+        "sources": ["task2@1", "task3@1"],
+    }
+    assert registry.show("mix")["card"]["description"].startswith("ties merge of ['task2@1', 'task3@1']")
+    assert main(["predict", "x", "-a", "nope", *common]) == 2
+    assert "no adapter named 'nope'" in capsys.readouterr().err
