@@ -89,6 +89,25 @@ def _serving_parsers(sub) -> None:
     )
     merge.add_argument("--name", required=True, help="registry name of the merged adapter")
     common(merge, "minilm")
+    comp = sub.add_parser(
+        "compose",
+        help="compose registry adapters for an unseen task (few-shot search or zero-shot) and publish it",
+        description="Few-shot: search merge weights of the --adapter candidates on k labelled examples "
+        "(LoraHub-style, gradient-free) and give the result a nearest-centroid head. Zero-shot: weight the "
+        "candidates by the similarity of --description to their cards, centroids from --labels.",
+    )
+    comp.add_argument("--examples", help="CSV with text,label columns (few-shot)")
+    comp.add_argument(
+        "--eval", help="CSV with text,label columns to report accuracy vs base and each adapter"
+    )
+    comp.add_argument("--description", help="the new task in words (zero-shot)")
+    comp.add_argument("--labels", nargs="+", help="label names (zero-shot; few-shot: their order)")
+    comp.add_argument(
+        "--budget", type=int, default=40, help="weight vectors tried by the search (default 40)"
+    )
+    comp.add_argument("--seed", type=int, default=0)
+    comp.add_argument("--name", required=True, help="registry name of the composed adapter")
+    common(comp, "minilm")
 
 
 def _registry_parser(sub) -> None:
@@ -268,6 +287,8 @@ def _serve(args) -> int:
         )  # fmt: skip
         print(json.dumps({"ref": ref, "sources": sources}) if args.json else f"published {ref}")
         return 0
+    if args.command == "compose":
+        return _compose(composer, args)
     texts = _texts(args.texts)
     rows = [(t, a) for t in texts for a in args.adapter]
     if args.command == "predict":
@@ -282,6 +303,39 @@ def _serve(args) -> int:
         print(json.dumps(out, indent=2))
     else:
         _table(args.command, columns, [[f"{r[c]:.3f}" if isinstance(r[c], float) else r[c] for c in columns] for r in out])  # fmt: skip
+    return 0
+
+
+def _csv_examples(path: str) -> tuple[list[str], list[str]]:
+    import csv
+
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or not {"text", "label"} <= set(rows[0]):
+        raise ValueError(f"{path}: expected a CSV file with 'text' and 'label' columns")
+    return [r["text"] for r in rows], [r["label"] for r in rows]
+
+
+def _compose(composer, args) -> int:
+    from .composition import compose, compose_zero_shot
+
+    if args.examples:
+        texts, labels = _csv_examples(args.examples)
+        ev = _csv_examples(args.eval) if args.eval else (None, None)
+        result = compose(composer, args.adapter, texts, labels, label_names=args.labels, budget=args.budget,
+                         seed=args.seed, eval_texts=ev[0], eval_labels=ev[1])  # fmt: skip
+        how = f"few-shot composition ({len(texts)} examples)"
+    elif args.description and args.labels:
+        result = compose_zero_shot(composer, args.adapter, args.description, args.labels)
+        how = f"zero-shot composition for {args.description!r}"
+    else:
+        raise ValueError(
+            "compose needs --examples FILE.csv (few-shot) or --description TEXT --labels ... (zero-shot)"
+        )
+    ref = composer.registry.publish(composer.model, args.name, adapter=result.adapter, task=args.name,
+                                    description=f"{how} of {result.weights}")  # fmt: skip
+    out = {"ref": ref, "weights": result.weights, "accuracy": result.accuracy}
+    print(json.dumps(out, indent=2) if args.json else _plain(out))
     return 0
 
 
@@ -305,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "train":
             return _train(args)
-        if args.command in ("predict", "generate", "merge"):
+        if args.command in ("predict", "generate", "merge", "compose"):
             return _serve(args)
         return _registry(args)
     except (RegistryError, AdapterFileError, ValueError, KeyError, FileNotFoundError) as e:

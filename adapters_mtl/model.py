@@ -84,6 +84,13 @@ class AdapterModel(nn.Module):
         """The adapter plain calls use (see :meth:`activate`); None = the bare base."""
         return self._active
 
+    @property
+    def hidden_size(self) -> int:
+        """Width of the base model's hidden states (what heads and discriminators read)."""
+        cfg = self.base.config
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        return getattr(cfg, "hidden_size", None) or cfg.n_embd
+
     def adapter_config(self, name: str) -> tuple[LoraConfig | PrefixConfig, ...]:
         """The native configs of ``name`` (one per method)."""
         self._check_known([name])
@@ -342,12 +349,7 @@ class AdapterModel(nn.Module):
     def _make_head(self, head: HeadConfig) -> Head:
         if not isinstance(head, HeadConfig):
             raise TypeError(f"head must be an adapters_mtl.HeadConfig, got {type(head).__name__}")
-        cfg = (
-            self.base.config.get_text_config()
-            if hasattr(self.base.config, "get_text_config")
-            else self.base.config
-        )
-        hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
+        hidden = self.hidden_size
         pooling = head.pooling
         if pooling == "auto":
             backbone = self._backbone()

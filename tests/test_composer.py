@@ -177,3 +177,78 @@ def test_cli_predict_and_merge(world, tmp_path, capsys):
     assert registry.show("mix")["card"]["description"].startswith("ties merge of ['task2@1', 'task3@1']")
     assert main(["predict", "x", "-a", "nope", *common]) == 2
     assert "no adapter named 'nope'" in capsys.readouterr().err
+
+
+def test_few_shot_composition_is_a_cat_merge_with_a_nearest_centroid_head(world):
+    import numpy as np
+
+    from adapters_mtl.composition import compose
+    from adapters_mtl.merging import merge_adapters
+
+    c = _composer(world)
+    texts = ["good game", "great win", "bad loss", "awful defeat", "nice goal", "poor show"]
+    labels = ["pos", "pos", "neg", "neg", "pos", "neg"]
+    result = compose(c, ["task1", "task2", "task3"], texts, labels, budget=12, seed=3,
+                     eval_texts=texts[:4], eval_labels=labels[:4])  # fmt: skip
+    assert result.evaluations == 12 and set(result.weights) == {"task1@1", "task2@1", "task3@1"}
+    assert set(result.accuracy) == {"composed", "base", "task1@1", "task2@1", "task3@1"}
+    again = compose(_composer(world), ["task1", "task2", "task3"], texts, labels, budget=12, seed=3)
+    assert again.weights == result.weights  # seeded search
+    merge_adapters(
+        c.model, ["task1", "task2", "task3"], list(result.weights.values()), "cat", into="ref", head=None
+    )
+    x = c.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = c.model(**x, adapters="composed").last_hidden_state
+        torch.testing.assert_close(hidden, c.model(**x, adapters="ref").last_hidden_state, atol=1e-5, rtol=0)
+        mask = x["attention_mask"].unsqueeze(-1).float()
+        h = (hidden * mask).sum(1) / mask.sum(1)
+        mu = torch.stack([h[[i for i, v in enumerate(labels) if v == k]].mean(0) for k in ("neg", "pos")])
+        want = [("neg", "pos")[i] for i in torch.cdist(h, mu).argmin(1).tolist()]
+    assert [p.label for p in c.predict(texts, adapters="composed")] == want
+    assert np.isfinite(result.objective)
+
+
+def test_zero_shot_composition_weights_the_most_similar_description(world):
+    from adapters_mtl.composition import compose_zero_shot
+
+    base, tok, registry = world
+    model = AdapterModel(copy.deepcopy(base))
+    for name, desc in (
+        ("sportsy", "football match results and league tables"),
+        ("moody", "how people feel in tweets"),
+    ):
+        model.add_adapter(name, LoraConfig(r=2, targets=LORA_TARGETS["bert"], init="random"))
+        registry.publish(model, adapter=name, task=name, description=desc)
+    c = _composer(world)
+    result = compose_zero_shot(
+        c, ["sportsy", "moody"], "how people feel in tweets", ["happy", "sad"], top_k=1
+    )
+    assert result.weights == {"sportsy@1": 0.0, "moody@1": 1.0}
+    assert [p.label for p in c.predict(["happy", "sad"], adapters="composed")] == ["happy", "sad"]
+
+
+def test_cli_compose_few_shot_publishes_a_loadable_classifier(world, tmp_path, capsys):
+    import json
+
+    from adapters_mtl.cli import main
+
+    base, tok, registry = world
+    folder = tmp_path / "base"
+    base.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    examples = tmp_path / "ex.csv"
+    examples.write_text("text,label\ngood game,pos\nbad loss,neg\ngreat win,pos\nawful defeat,neg\n")
+    common = ["--base", str(folder), "--registry", str(registry.url), "--json"]
+    code = main(["compose", "-a", "task2", "-a", "task3", "--examples", str(examples), "--eval", str(examples),
+                 "--budget", "6", "--name", "fewshot", *common])  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert (
+        code == 0
+        and out["ref"] == "fewshot@1"
+        and set(out["accuracy"]) == {"composed", "base", "task2@1", "task3@1"}
+    )
+    c = _composer(world)
+    assert c.predict(["good game"], adapters="fewshot")[0].label in ("neg", "pos")
+    assert main(["compose", "-a", "task2", "--name", "x", *common]) == 2
+    assert "needs --examples" in capsys.readouterr().err

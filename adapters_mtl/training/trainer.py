@@ -194,7 +194,7 @@ class MultiTaskTrainer:
         discriminator = None
         if config.sharing == "adversarial":
             ref = next(model.base.parameters())
-            discriminator = TaskDiscriminator(_hidden_size(model), len(tasks), lambda_=config.grl_lambda)
+            discriminator = TaskDiscriminator(model.hidden_size, len(tasks), lambda_=config.grl_lambda)
             discriminator.to(device=ref.device)
         self.step_module = _Step(model, discriminator)
         self.inner = model
@@ -519,9 +519,3 @@ def _plain_state(weighting) -> dict:
 def _load_plain_state(weighting, state: dict) -> None:
     for k, v in state.items():
         setattr(weighting, k, v)
-
-
-def _hidden_size(model: AdapterModel) -> int:
-    cfg = model.base.config
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return getattr(cfg, "hidden_size", None) or cfg.n_embd
