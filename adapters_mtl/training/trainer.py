@@ -20,8 +20,9 @@ from torch import nn
 
 from ..merging import add_cat, lora_factors
 from ..model import AdapterModel
-from ..tasks import TaskData, accuracy, macro_f1
+from ..tasks import TaskData
 from .adversarial import TaskDiscriminator
+from .objectives import collate, evaluate_task, task_loss
 from .sampler import TaskSampler
 from .weighting import make_weighting
 
@@ -150,12 +151,20 @@ class MultiTaskTrainer:
         self, model: AdapterModel, tokenizer, tasks: dict[str, TaskData], config: TrainConfig, shared=()
     ) -> None:
         from accelerate import Accelerator, DistributedDataParallelKwargs
-        from transformers import DataCollatorWithPadding
 
-        missing = [t for t in tasks if t not in model.adapter_names or t not in model.heads]
-        if missing:
+        missing = [t for t in tasks if t not in model.adapter_names]
+        headless = [t for t, d in tasks.items() if not d.generative and t in model.adapter_names and t not in model.heads]  # fmt: skip
+        if missing or headless:
             raise ValueError(
-                f"tasks {missing} have no adapter with a head in the model; add_adapter(name, config, head=...) first"
+                f"tasks {missing + headless} have no adapter{' with a head' if headless else ''} in the model; "
+                "add_adapter(name, config, head=data.head_config()) for each task first"
+            )
+        kinds = {d.generative for d in tasks.values()}
+        if len(kinds) > 1:
+            raise ValueError(
+                "causal_lm tasks (trained through the base LM head) cannot be trained with head tasks in one "
+                f"trainer: {[t for t, d in tasks.items() if d.generative]} vs {[t for t, d in tasks.items() if not d.generative]}; "
+                "train them separately, or make every task causal_lm (classification as generation)"
             )
         self.cfg, self.tasks = config, tasks
         self.shared_name = None if config.sharing == "none" else config.shared_adapter
@@ -183,7 +192,6 @@ class MultiTaskTrainer:
         if config.log_with:
             self.acc.init_trackers("train", config={k: str(v) for k, v in asdict(config).items()})
         self.train_sets = {t: d.encode(tokenizer, "train") for t, d in tasks.items()}
-        self.collate = DataCollatorWithPadding(tokenizer)
         self.tokenizer = tokenizer
         self.sampler = TaskSampler({t: len(ds) for t, ds in self.train_sets.items()}, config.sampling,
                                    temperature=config.temperature, total_steps=config.steps, seed=config.seed)  # fmt: skip
@@ -264,12 +272,11 @@ class MultiTaskTrainer:
         indices = [self.streams[t].next() for t in rows]
         lo = self.acc.process_index * self.cfg.batch_size
         rows, indices = rows[lo : lo + self.cfg.batch_size], indices[lo : lo + self.cfg.batch_size]
-        batch = self.collate([self.train_sets[t][i] for t, i in zip(rows, indices, strict=True)])
-        return {k: v.to(self.acc.device) for k, v in batch.items()}, rows
+        batch, labels = collate(self.tokenizer, [self.train_sets[t][i] for t, i in zip(rows, indices, strict=True)])  # fmt: skip
+        return {k: v.to(self.acc.device) for k, v in batch.items()}, labels, rows
 
-    def _losses(self, batch: dict, rows: list[str]) -> dict[str, torch.Tensor]:
+    def _losses(self, batch: dict, labels: list, rows: list[str]) -> dict[str, torch.Tensor]:
         """Per-task losses, plus ``"adversary"`` (the discriminator's loss) with adversarial sharing."""
-        labels = batch.pop("labels")
         adapters = [self._route(t) for t in rows]
         adversarial = self.step_module.discriminator is not None
         if adversarial:  # the same rows again through the shared adapter alone, in the same routed call
@@ -277,12 +284,9 @@ class MultiTaskTrainer:
             adapters = adapters + [self.shared_name] * len(rows)
         out, disc_logits = self.model(adapters, len(rows) if adversarial else None, **batch)
         losses = {}
-        for task, head in out.heads.items():
-            y = labels.index_select(0, head.rows)
-            if self.tasks[task].spec.kind == "regression":
-                losses[task] = torch.nn.functional.mse_loss(head.logits.squeeze(-1).float(), y.float())
-            else:
-                losses[task] = torch.nn.functional.cross_entropy(head.logits.float(), y.long())
+        for task in dict.fromkeys(rows):
+            task_rows = [i for i, t in enumerate(rows) if t == task]
+            losses[task] = task_loss(self.tasks[task], task, out, task_rows, labels)
         if adversarial:
             task_ids = torch.tensor([list(self.tasks).index(t) for t in rows], device=disc_logits.device)
             losses["adversary"] = torch.nn.functional.cross_entropy(disc_logits.float(), task_ids)
@@ -321,8 +325,8 @@ class MultiTaskTrainer:
         while self.step < self.cfg.steps and (stop_after is None or done_now < stop_after):
             for _ in range(self.cfg.grad_accum):
                 with self.acc.accumulate(self.model):
-                    batch, rows = self._batch()
-                    losses = self._losses(batch, rows)
+                    batch, labels, rows = self._batch()
+                    losses = self._losses(batch, labels, rows)
                     weights = self._backward(losses)
                     if self.acc.sync_gradients and self.cfg.max_grad_norm:
                         self.acc.clip_grad_norm_(list(self.named.values()), self.cfg.max_grad_norm)
@@ -357,33 +361,15 @@ class MultiTaskTrainer:
         return {"step": self.step, "best": self.best, "history": self.history}
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self, task: str, split: str = "validation", batch_size: int = 64) -> dict[str, float]:
-        """Accuracy and macro-F1 (classification) or MSE (regression) of ``task`` on ``split``."""
-        data = self.tasks[task]
-        ds = data.encode(self.tokenizer, split)
+        """Metrics of ``task`` on ``split`` (see :mod:`.objectives`): accuracy and macro-F1 for
+        classification (also as generation), MSE for regression, loss and perplexity for generation."""
         was_training = self.inner.training
         self.inner.eval()
-        preds, gold = [], []
-        for start in range(0, len(ds), batch_size):
-            batch = self.collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
-            labels = batch.pop("labels")
-            # every process evaluates the whole split on the unwrapped model (no DDP collectives)
-            out = self.inner(
-                **{k: v.to(self.acc.device) for k, v in batch.items()}, adapters=self._route(task)
-            )
-            logits = out.heads[task].logits.float().cpu()
-            preds.append(logits.squeeze(-1) if data.spec.kind == "regression" else logits.argmax(-1))
-            gold.append(labels)
-        self.inner.train(was_training)
-        p, g = torch.cat(preds).numpy(), torch.cat(gold).numpy()
-        if data.spec.kind == "regression":
-            return {"mse": float(((p - g) ** 2).mean()), "score": -float(((p - g) ** 2).mean())}
-        return {
-            "accuracy": accuracy(p, g),
-            "macro_f1": macro_f1(p, g, data.label_names),
-            "score": accuracy(p, g),
-        }
+        try:  # every process evaluates the whole split on the unwrapped model (no DDP collectives)
+            return evaluate_task(self.inner, self.tasks[task], self.tokenizer, self._route(task), self.acc.device, split, batch_size)  # fmt: skip
+        finally:
+            self.inner.train(was_training)
 
     def _snapshot(self, task: str) -> dict[str, torch.Tensor]:
         """The task's adapter and head (and the shared adapter, under ``shared/``) as they are now."""
