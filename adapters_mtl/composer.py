@@ -59,6 +59,9 @@ class Composer:
             ``"default"`` (the user registry) or None (only adapters attached by hand).
         tokenizer: the base model's tokenizer (loaded with the packaged models; needed for text calls).
         max_bytes / max_adapters: LRU budget for registry adapters (None: unbounded).
+        static_routing: keep the active LoRA slot in a tensor so a ``torch.compile``d base switches adapters
+            without recompiling (see :meth:`AdapterModel.static_routing`; a recompile happens only when a
+            loaded adapter raises the largest rank).
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class Composer:
         tokenizer=None,
         max_bytes: int | None = None,
         max_adapters: int | None = None,
+        static_routing: bool = False,
     ) -> None:
         from .registry import AdapterRegistry
 
@@ -78,6 +82,8 @@ class Composer:
             tokenizer = tokenizer or loaded_tokenizer
         self.model = base if isinstance(base, AdapterModel) else AdapterModel(base)
         self.model.eval()
+        if static_routing:
+            self.model.static_routing(True)
         self.tokenizer = tokenizer
         if registry is None or isinstance(registry, AdapterRegistry):
             self.registry = registry

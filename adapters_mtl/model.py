@@ -17,7 +17,7 @@ from torch import nn
 from .config import HeadConfig, LoraConfig, PrefixConfig, to_native, validate_name
 from .heads import Head, HeadOutput
 from .methods import get_method
-from .routing import Route
+from .routing import Route, StaticSlot
 
 __all__ = ["AdapterModel", "AdapterOutput"]
 
@@ -67,6 +67,7 @@ class AdapterModel(nn.Module):
         self._head_configs: dict[str, HeadConfig] = {}
         self._active: str | None = None
         self._default_selection: dict[str, dict[str, object]] = {}
+        self._static: StaticSlot | None = None
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -199,8 +200,20 @@ class AdapterModel(nn.Module):
         if sel is None:
             sel = self._selections([name])
             self._default_selection[name] = sel
+        if self._static is not None and "lora" in sel and isinstance(sel["lora"], int):
+            # compiled models: the slot is data, written in place (0 while merged: the weights hold it)
+            self._static.slot.fill_(0 if merged is not None else sel["lora"])
+            sel = {**sel, "lora": self._static}
         self._route.set_default(sel)
         self._active = name
+
+    def static_routing(self, enabled: bool = True) -> None:
+        """Make :meth:`activate` write the active LoRA slot into a tensor instead of a Python int, so a
+        ``torch.compile``d model switches adapters without recompiling (layers then compute at the largest
+        rank; inference only: training falls back to the ordinary path). Stacks and prefix adapters keep
+        the ordinary path."""
+        self._static = StaticSlot(next(self.base.parameters()).device) if enabled else None
+        self.activate(self._active)
 
     # ------------------------------------------------------------------ merging
     @property

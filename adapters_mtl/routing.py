@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["MixedRows", "Route"]
+__all__ = ["MixedRows", "Route", "StaticSlot"]
 
 
 @dataclass
@@ -53,11 +53,23 @@ class MixedRows:
         return self._expanded[n]
 
 
+class StaticSlot:
+    """One LoRA slot for every row, held in a 1-element tensor: a compiled model reads it as data, so
+    switching adapters (writing the tensor in place) needs no recompilation. Layers then compute at the
+    stacks' full rank (the rows past an adapter's rank are zeros), which is what makes shapes static."""
+
+    __slots__ = ("slot",)
+
+    def __init__(self, device: torch.device) -> None:
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+
+
 class Route:
     """What every bank needs to know about the current call.
 
     Attributes:
-        lora: an int (one LoRA slot for all rows; 0 = none) or :class:`MixedRows`.
+        lora: an int (one LoRA slot for all rows; 0 = none), a :class:`StaticSlot` (the same, as data for
+            compiled models) or :class:`MixedRows`.
         prefix: the prefix context of the current call (set by the prefix bank), or ``None``.
         strategy: how mixed LoRA rows are computed: ``"gather"`` (gather each row's A/B from a
             stacked bank, then two batched matmuls) or ``"group"`` (one matmul per distinct adapter).
@@ -66,7 +78,7 @@ class Route:
     __slots__ = ("lora", "prefix", "strategy")
 
     def __init__(self) -> None:
-        self.lora: int | MixedRows = 0
+        self.lora: int | StaticSlot | MixedRows = 0
         self.prefix: object | None = None
         self.strategy: str = "gather"
 

@@ -163,3 +163,31 @@ def test_linear_refuses_different_ranks():
     ):
         merge_adapters(model, ["shared", "b"], method="linear", into="m")
     assert "m" not in model.adapter_names
+
+
+def test_swapping_adapters_of_a_compiled_model_does_not_recompile():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    _, model = _model()
+    model.add_adapter("b", LoraConfig(r=3, targets=LORA_TARGETS["llama"], init="random"))
+    model.static_routing(True)
+    counter = CompileCounter()
+    compiled = torch.compile(model.base, backend=counter)
+    x = batch(2, 5)
+    with torch.no_grad():
+        for name in ["shared", "a", "b", None, "shared"]:
+            model.activate(name)
+            got = compiled(**x).logits
+            torch.testing.assert_close(got, model(**x, adapters=name).logits, atol=1e-5, rtol=0)
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations for 5 swaps"
+    torch._dynamo.reset()
+    model.static_routing(False)  # the ordinary path specialises on the slot: a recompile per adapter
+    counter = CompileCounter()
+    compiled = torch.compile(model.base, backend=counter)
+    with torch.no_grad():
+        for name in ["shared", "a", "b"]:
+            model.activate(name)
+            compiled(**x)
+    assert counter.frame_count > 1
+    torch._dynamo.reset()

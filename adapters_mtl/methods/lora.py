@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..routing import MixedRows, Route
+from ..routing import MixedRows, Route, StaticSlot
 
 __all__ = ["LoraLayer", "is_lora_target_type"]
 
@@ -218,6 +218,10 @@ class LoraLayer(nn.Module):
         if not self.slots:
             return out
         sel = self._route.lora
+        if isinstance(sel, StaticSlot):
+            if not (self.training and torch.is_grad_enabled()):
+                return out + self._static_delta(x, sel.slot)
+            sel = int(sel.slot)  # training: the ordinary path, so gradients reach the adapter's parameters
         if isinstance(sel, tuple):  # a stack: the levels' updates add up
             for level in sel:
                 out = out + self._delta(x, level, out.dtype)
@@ -242,6 +246,13 @@ class LoraLayer(nn.Module):
         if self._route.strategy == "group":
             return self._grouped(x, rows).to(dtype)
         return self._gathered(x, rows).to(dtype)
+
+    def _static_delta(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """The update of the slot held in ``slot`` (a tensor), at full stack rank, without Python branching
+        on which adapter it is (slot 0 and freed slots are zeros)."""
+        A = self.stack_A.index_select(0, slot)[0].to(x.dtype)  # (R, in)
+        B = self.stack_B.index_select(0, slot)[0].to(x.dtype)  # (out, R)
+        return F.linear(F.linear(x, A), B) * self.scales.index_select(0, slot).to(x.dtype)
 
     def _gathered(self, x: torch.Tensor, rows: MixedRows) -> torch.Tensor:
         """Gather each row's A/B, then two batched matmuls: cost independent of how many adapters."""
