@@ -247,15 +247,25 @@ def _train(args) -> int:
     if args.json:
         print(json.dumps(summary, indent=2, default=float))
         return 0
+    if "test_accuracy" in summary:  # a compose recipe
+        rows = [[k, f"{v:.3f}", f"{summary['weights'].get(k, float('nan')):+.2f}" if k in summary["weights"] else "-"]
+                for k, v in summary["test_accuracy"].items()]  # fmt: skip
+        _table(f"few-shot composition for {summary['task']} ({summary['shots']} examples): test accuracy",
+               ["adapter / mix", "accuracy", "weight"], rows)  # fmt: skip
+        return 0
     rows = []
     for task, metrics in summary["test"].items():
-        shown = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k != "score")
+        shown = ", ".join(
+            f"{k}={v:.3f}" for k, v in metrics.items() if k != "score" and not isinstance(v, dict)
+        )
         rows.append([task, shown, summary["published"].get(task, "-")])
-    _table(
-        f"test results after {summary['steps']} steps ({summary['output_dir']})",
-        ["task", "test metrics", "published"],
-        rows,
-    )
+    _table(f"test results after {summary['steps']} steps ({summary['output_dir']})",
+           ["task", "test metrics", "published"], rows)  # fmt: skip
+    if summary.get("samples"):
+        _table("sample generations (one routed batch)", ["task", "target", "output"],
+               [[r["task"], r["target"], r["output"]] for r in summary["samples"]])  # fmt: skip
+    if summary.get("not_published"):
+        print(f"not published: {summary['not_published']}")
     return 0
 
 

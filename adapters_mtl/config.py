@@ -303,6 +303,8 @@ def to_native(config: Any) -> tuple[LoraConfig | PrefixConfig, ...]:
                 "LoRA and one prefix config."
             )
     methods = [c.method for c in out]
+    if isinstance(config, (list, tuple)) and not out:
+        return ()  # a head-only adapter (the model checks that it has a head)
     if not out or len(set(methods)) != len(methods):
         raise ValueError(
             f"an adapter takes one config per method (at most one LoRA and one prefix), got {methods}"

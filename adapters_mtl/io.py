@@ -162,6 +162,11 @@ def save_adapter(
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True or choose another folder")
     configs = model.adapter_config(name)
+    if not configs:
+        raise ValueError(
+            f"adapter {name!r} is head-only (no LoRA or prefix weights): there is no adapter file PEFT could "
+            "read; save the fine-tuned base model with save_pretrained instead"
+        )
     tensors = to_peft_state_dict(model, name)
     head_cfg = model.head_config(name)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -109,7 +109,8 @@ class AdapterModel(nn.Module):
         Args:
             name: unique adapter name (letters, digits, ``_``, ``-``).
             config: ``LoraConfig``, ``PrefixConfig``, ``peft.LoraConfig``, ``peft.PrefixTuningConfig``,
-                or a list of one LoRA and one prefix config (a LoRA+prefix adapter).
+                a list of one LoRA and one prefix config (a LoRA+prefix adapter), or ``[]`` with a head (a
+                head-only adapter: the rows use the bare base and this head).
             head: an optional task head for this adapter.
             trainable: whether the new parameters require grad.
 
@@ -123,6 +124,11 @@ class AdapterModel(nn.Module):
                 f"adapter {name!r} already exists; remove_adapter({name!r}) first or pick another name"
             )
         configs = to_native(config)
+        if not configs and head is None:
+            raise ValueError(
+                f"adapter {name!r} has no config and no head: pass a LoraConfig/PrefixConfig (or a list), "
+                "or config=[] with a head for a head-only adapter (e.g. full fine-tuning baselines)"
+            )
         done = []
         try:
             for cfg in configs:

@@ -12,7 +12,7 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     from adapters_mtl.models import load_minilm
 
     text = (Path(__file__).parents[1] / "README.md").read_text()
-    tour, files = re.findall(r"```python\n(.*?)```", text, re.S)[:2]
+    tour, files, serving = re.findall(r"```python\n(.*?)```", text, re.S)[:3]
     scope: dict = {}
     exec(compile(tour, "README.md (tour)", "exec"), scope)
     out = scope["out"]
@@ -25,3 +25,6 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     exec(compile(files, "README.md (files)", "exec"), scope)
     assert scope["reg"].resolve("news@prod").ref == "news@1"
     assert sorted(scope["other_model"].adapter_names) == ["news", "news_copy"]
+    exec(compile(serving, "README.md (serving)", "exec"), scope)
+    assert scope["reg"].resolve("blend").ref == "blend@1"
+    assert [e["ref"] for e in scope["composer"].loaded][:1] == ["news@1"]

@@ -15,7 +15,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from ..tasks import TaskData, accuracy, macro_f1
+from ..tasks import TaskData, accuracy, classification_report, macro_f1
 
 __all__ = ["collate", "evaluate_task", "task_loss"]
 
@@ -67,11 +67,12 @@ def task_loss(data: TaskData, task: str, out, rows: list[int], labels: list) -> 
 
 
 @torch.no_grad()
-def evaluate_task(model, data: TaskData, tokenizer, route, device, split: str = "validation", batch_size: int = 64) -> dict[str, float]:  # fmt: skip
+def evaluate_task(model, data: TaskData, tokenizer, route, device, split: str = "validation", batch_size: int = 64, report: bool = False) -> dict:  # fmt: skip
     """Metrics of ``data``'s task on ``split`` with the adapter (or stack) ``route``; ``score`` is the one
-    early stopping maximises."""
+    early stopping maximises; ``report`` adds a per-class report (precision/recall/F1/support) for
+    classification."""
     if data.choices:
-        return _evaluate_choices(model, data, tokenizer, route, device, split, batch_size)
+        return _evaluate_choices(model, data, tokenizer, route, device, split, batch_size, report)
     ds = data.encode(tokenizer, split)
     kind = data.spec.kind
     preds, gold, total, count = [], [], 0.0, 0
@@ -100,10 +101,21 @@ def evaluate_task(model, data: TaskData, tokenizer, route, device, split: str = 
     if kind == "regression":
         mse = float(((p - g) ** 2).mean())
         return {"mse": mse, "score": -mse}
-    return {"accuracy": accuracy(p, g), "macro_f1": macro_f1(p, g, data.label_names), "score": accuracy(p, g)}
+    return _classification(p, g, data.label_names, report)
 
 
-def _evaluate_choices(model, data: TaskData, tokenizer, route, device, split: str, batch_size: int) -> dict:
+def _classification(pred, gold, label_names, report: bool) -> dict:
+    out = {
+        "accuracy": accuracy(pred, gold),
+        "macro_f1": macro_f1(pred, gold, label_names),
+        "score": accuracy(pred, gold),
+    }
+    if report:
+        out["per_class"] = classification_report(pred, gold, label_names)
+    return out
+
+
+def _evaluate_choices(model, data: TaskData, tokenizer, route, device, split: str, batch_size: int, report: bool) -> dict:  # fmt: skip
     """Classification as generation: every label name is scored after the prompt; the likeliest wins."""
     texts, gold = data.splits[split]["text"], data.splits[split]["label"]
     C = len(data.label_names)
@@ -117,5 +129,4 @@ def _evaluate_choices(model, data: TaskData, tokenizer, route, device, split: st
         out = model(**inputs, adapters=route)
         scores.append(-_lm_loss(out.logits, y, reduction="none").sum(1).cpu())  # log p(label | prompt)
     pred = torch.cat(scores).view(len(texts), C).argmax(1).numpy()
-    return {"accuracy": accuracy(pred, gold), "macro_f1": macro_f1(pred, gold, data.label_names),
-            "score": accuracy(pred, gold)}  # fmt: skip
+    return _classification(pred, gold, data.label_names, report)

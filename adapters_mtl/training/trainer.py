@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,9 @@ class TrainConfig:
             At the end each task's best (shared, task) stack is folded into one self-contained adapter.
         adversarial_weight / grl_lambda: weight of the discriminator loss and strength of the reversal.
         log_with: Accelerate trackers, e.g. ``["tensorboard"]`` (logs in ``output_dir``).
+        unfreeze / base_lr: which base-model parameters train too — ``none`` (adapters and heads only),
+            ``all`` (full fine-tuning, e.g. a baseline with head-only adapters) or a regular expression on
+            parameter names (e.g. ``layer\\.5\\.``) — and their learning rate.
     """
 
     steps: int = 100
@@ -73,6 +77,8 @@ class TrainConfig:
     adversarial_weight: float = 0.1
     grl_lambda: float = 1.0
     log_with: list = field(default_factory=list)
+    unfreeze: str = "none"
+    base_lr: float = 5e-5
 
     def __post_init__(self) -> None:
         problems = []
@@ -80,6 +86,13 @@ class TrainConfig:
             problems.append(f"batching must be 'per_task' or 'mixed', got {self.batching!r}")
         if self.sharing not in ("none", "shared", "adversarial"):
             problems.append(f"sharing must be 'none', 'shared' or 'adversarial', got {self.sharing!r}")
+        if self.unfreeze not in ("none", "all"):
+            try:
+                re.compile(self.unfreeze)
+            except re.error as e:
+                problems.append(
+                    f"unfreeze must be 'none', 'all' or a regular expression, got {self.unfreeze!r} ({e})"
+                )
         if isinstance(self.log_with, str):
             self.log_with = [self.log_with]
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -206,10 +219,13 @@ class MultiTaskTrainer:
             discriminator.to(device=ref.device)
         self.step_module = _Step(model, discriminator)
         self.inner = model
+        self._unfreeze(model)
         self.named = self._named_trainables()
-        self.optimizer = torch.optim.AdamW(
-            list(self.named.values()), lr=config.lr, weight_decay=config.weight_decay
-        )
+        groups = [{"params": [p for k, p in self.named.items() if not k.startswith("base::")]}]
+        base_params = [p for k, p in self.named.items() if k.startswith("base::")]
+        if base_params:
+            groups.append({"params": base_params, "lr": config.base_lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.model, self.optimizer = self.acc.prepare(self.step_module, self.optimizer)
         self.step = 0
         self.folded = False
@@ -235,9 +251,24 @@ class MultiTaskTrainer:
                 f"only; {not_lora} are not. Use sharing: none for prefix adapters."
             )
 
+    def _unfreeze(self, model: AdapterModel) -> None:
+        if self.cfg.unfreeze == "none":
+            return
+        pattern = None if self.cfg.unfreeze == "all" else re.compile(self.cfg.unfreeze)
+        self._base_named = {
+            n: p
+            for n, p in model.base.named_parameters()
+            if ".lora_" not in n and (pattern is None or pattern.search(n))
+        }
+        if not self._base_named:
+            raise ValueError(f"unfreeze={self.cfg.unfreeze!r} matches no base-model parameter name")
+        for p in self._base_named.values():
+            p.requires_grad_(True)
+
     def _named_trainables(self) -> dict[str, nn.Parameter]:
         """Every parameter the optimiser updates, under a stable name (checkpoint keys)."""
         named = {f"{t}::{k}": p for t in self.tasks for k, p in self.inner.adapter_parameters(t).items()}
+        named.update({f"base::{n}": p for n, p in getattr(self, "_base_named", {}).items()})
         if self.shared_name:
             named.update(
                 {
@@ -361,13 +392,15 @@ class MultiTaskTrainer:
         return {"step": self.step, "best": self.best, "history": self.history}
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, task: str, split: str = "validation", batch_size: int = 64) -> dict[str, float]:
+    def evaluate(
+        self, task: str, split: str = "validation", batch_size: int = 64, report: bool = False
+    ) -> dict:
         """Metrics of ``task`` on ``split`` (see :mod:`.objectives`): accuracy and macro-F1 for
         classification (also as generation), MSE for regression, loss and perplexity for generation."""
         was_training = self.inner.training
         self.inner.eval()
         try:  # every process evaluates the whole split on the unwrapped model (no DDP collectives)
-            return evaluate_task(self.inner, self.tasks[task], self.tokenizer, self._route(task), self.acc.device, split, batch_size)  # fmt: skip
+            return evaluate_task(self.inner, self.tasks[task], self.tokenizer, self._route(task), self.acc.device, split, batch_size, report)  # fmt: skip
         finally:
             self.inner.train(was_training)
 
