@@ -45,6 +45,8 @@ class TaskSpec:
         splits: fractions for train / validation / test (must sum to 1).
         max_length: tokenizer truncation length.
         seed: seed of the subsample and the split.
+        extra: source/kind options: ``prompt`` (causal_lm), ``target: headline`` and ``field`` (bbc_news),
+            ``keep_labels`` (only rows with these labels), ``split`` (hub datasets), ``choices`` (causal_lm).
     """
 
     name: str
@@ -233,6 +235,11 @@ def load_task(spec: TaskSpec) -> TaskData:
         ValueError: labels outside ``label_names``.
     """
     ds = _load_rows(spec)
+    keep = spec.extra.get("keep_labels")
+    if keep is not None:  # a sub-task: only rows whose label is listed (before subsampling and splitting)
+        keep = {str(k) for k in keep}
+        label_col = spec.label_column if spec.source not in PACKAGED else "label"
+        ds = ds.filter(lambda row: str(row[label_col]) in keep)
     text_col, label_col = (
         (spec.text_column, spec.label_column) if spec.source not in PACKAGED else ("text", "label")
     )
