@@ -176,7 +176,8 @@ def run_recipe(recipe: dict) -> dict:
     for spec in recipe["tasks"]:
         tasks[spec.name] = load_task(spec)
         model.add_adapter(spec.name, list(recipe["adapters"][spec.name]), head=tasks[spec.name].head_config())
-    trainable = sum(p.numel() for t in tasks for p in model.adapter_parameters(t).values())
+    owners = [*tasks, *([recipe["train"].shared_adapter] if recipe.get("shared") is not None else [])]
+    trainable = sum(p.numel() for t in owners for p in model.adapter_parameters(t).values())
     trainer = MultiTaskTrainer(model, tokenizer, tasks, recipe["train"])
     import time
 
