@@ -42,6 +42,14 @@ def world(tmp_path_factory):
     return base, tok, registry
 
 
+def _saved_base(world, tmp_path):
+    """The tiny base and its tokenizer as a model folder (what the CLI's --base takes)."""
+    base, tok, _ = world
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
 def _composer(world, **kw):
     base, tok, registry = world
     return Composer(copy.deepcopy(base), registry=registry, tokenizer=tok, **kw)
@@ -157,10 +165,8 @@ def test_cli_predict_and_merge(world, tmp_path, capsys):
 
     from adapters_mtl.cli import main
 
-    base, tok, registry = world
-    folder = tmp_path / "base"
-    base.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    _, _, registry = world
+    folder = _saved_base(world, tmp_path)
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(TEXTS[:2]) + "\n")
     common = ["--base", str(folder), "--registry", str(registry.url), "--json"]
@@ -233,10 +239,8 @@ def test_cli_compose_few_shot_publishes_a_loadable_classifier(world, tmp_path, c
 
     from adapters_mtl.cli import main
 
-    base, tok, registry = world
-    folder = tmp_path / "base"
-    base.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    _, _, registry = world
+    folder = _saved_base(world, tmp_path)
     examples = tmp_path / "ex.csv"
     examples.write_text("text,label\ngood game,pos\nbad loss,neg\ngreat win,pos\nawful defeat,neg\n")
     common = ["--base", str(folder), "--registry", str(registry.url), "--json"]

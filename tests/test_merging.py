@@ -25,6 +25,17 @@ def _model():
     return base, model
 
 
+def _assert_peft_reads(base, model, name, tmp_path):
+    """PEFT loads the saved adapter ``name`` and computes what we compute."""
+    import peft
+
+    save_adapter(model, name, tmp_path / name)
+    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / name)).eval()
+    x = batch(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(ref(**x).logits, model(**x, adapters=name).logits, atol=1e-5, rtol=0)
+
+
 def test_cat_merge_is_the_weighted_sum_of_updates_and_equals_the_stack():
     _, model = _model()
     merge_adapters(model, ["shared", "a"], weights=[0.5, -2.0], into="m")
@@ -48,15 +59,10 @@ def test_cat_merge_is_the_weighted_sum_of_updates_and_equals_the_stack():
 
 
 def test_peft_loads_a_cat_merge_with_per_module_ranks(tmp_path):
-    import peft
 
     base, model = _model()
     merge_adapters(model, ["shared", "a"], weights=[1.0, 0.7], into="m")
-    save_adapter(model, "m", tmp_path / "m")
-    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "m")).eval()
-    x = batch(2, 6)
-    with torch.no_grad():
-        torch.testing.assert_close(ref(**x).logits, model(**x, adapters="m").logits, atol=1e-5, rtol=0)
+    _assert_peft_reads(base, model, "m", tmp_path)
 
 
 def test_bad_merges_leave_the_model_unchanged():
@@ -138,7 +144,6 @@ def test_weights_that_sum_to_zero_give_the_base(method):
 
 @pytest.mark.parametrize("method", ["svd", "ties", "dare_ties"])
 def test_svd_based_merges_of_two_adapters_reload_in_peft(tmp_path, method):
-    import peft
 
     base, model = _model()
     merge_adapters(model, ["shared", "a"], weights=[0.6, 0.4], method=method, into="m", density=0.5, rank=3)
@@ -148,11 +153,7 @@ def test_svd_based_merges_of_two_adapters_reload_in_peft(tmp_path, method):
         full = merge_adapters(model, ["shared", "a"], weights=[0.6, 0.4], method="svd", into="full", rank=6)
         for path, d in _deltas(model, exact).items():
             torch.testing.assert_close(_deltas(model, full)[path], d, atol=1e-5, rtol=0)
-    save_adapter(model, "m", tmp_path / "m")
-    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "m")).eval()
-    x = batch(2, 6)
-    with torch.no_grad():
-        torch.testing.assert_close(ref(**x).logits, model(**x, adapters="m").logits, atol=1e-5, rtol=0)
+    _assert_peft_reads(base, model, "m", tmp_path)
 
 
 def test_linear_refuses_different_ranks():
