@@ -170,17 +170,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
+    parser.add_argument("--sections", nargs="+", default=["swap", "load", "generate", "merge"],
+                        help="sections to run (default: all); others are kept from the previous JSON")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_composer.json")
     args = parser.parse_args(argv)
     repeat = 2 if args.quick else 5
     base = build_base(args.layers)
+    result = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    result.update({"date": datetime.date.today().isoformat(), "torch": torch.__version__, "layers": args.layers,
+                   "threads": torch.get_num_threads()})  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        result = {
-            "date": datetime.date.today().isoformat(), "torch": torch.__version__, "layers": args.layers,
-            "threads": torch.get_num_threads(),
-            "swap": section_swap(base, args.quick), "load": section_load(base, Path(tmp), repeat),
-            "generate": section_generate(base, 2 if args.quick else 3), "merge": section_merge(base, repeat),
-        }  # fmt: skip
+        runs = {"swap": lambda: section_swap(base, args.quick), "load": lambda: section_load(base, Path(tmp), repeat),
+                "generate": lambda: section_generate(base, 2 if args.quick else 3),
+                "merge": lambda: section_merge(base, repeat)}  # fmt: skip
+        for name in args.sections:
+            result[name] = runs[name]()
     print(
         f"\n## Composer vs PEFT (Llama with SmolLM2-135M shapes, {args.layers} layers, LoRA r=8 q+v, CPU)\n"
     )
