@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
         "train",
         help="train one adapter per task from a recipe (works under `accelerate launch` unchanged)",
         description="Train the tasks of a YAML recipe (see recipes/), evaluate on their test splits, write "
-        "metrics.csv and results.json to train.output_dir and publish each adapter to the registry.",
+        "metrics.csv, training.png and results.json to train.output_dir and publish each adapter to the "
+        "registry. A recipe with a compose: section composes published adapters for its (unseen) task instead.",
     )
     train.add_argument("recipe", help="path of a recipe YAML file")
     train.add_argument(
