@@ -17,7 +17,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser(
         "demo",
-        help="showcase on the packaged real MiniLM: train, publish, hot-swap, route, merge (~5 min on 2 cores)",
+        help="showcase on the packaged real MiniLM: train, publish, hot-swap, route, merge (~2 min on 2 cores)",
         description="Train a LoRA adapter per task (BBC news topics, tweet sentiment) on the packaged "
         "MiniLM-L6 in mixed routed batches, evaluate on held-out splits, publish both to a local registry, "
         "serve them with the composer (hot swap, one mixed batch checked row by row against each adapter "
