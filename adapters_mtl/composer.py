@@ -292,8 +292,7 @@ class Composer:
         if name in taken:
             raise ComposerError(f"cannot attach {record.ref}: an adapter named {name!r} is already attached")
         self.registry.load(self.model, record.ref, name=name)
-        nbytes = sum(p.numel() * p.element_size() for p in self.model.adapter_parameters(name).values())
-        self._entries[name] = _Entry(name, record.ref, nbytes)
+        self._entries[name] = _Entry(name, record.ref, self._nbytes(name))
         self._refs[ref] = self._refs[record.ref] = name
         try:
             self._fit_budget(protect={*protect, name})
@@ -336,9 +335,11 @@ class Composer:
             del self._refs[ref]
 
     def _adopt(self, name: str) -> None:
-        nbytes = sum(p.numel() * p.element_size() for p in self.model.adapter_parameters(name).values())
-        self._entries[name] = _Entry(name, name, nbytes, from_registry=False)
+        self._entries[name] = _Entry(name, name, self._nbytes(name), from_registry=False)
         self._refs[name] = name
+
+    def _nbytes(self, name: str) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.adapter_parameters(name).values())
 
     def _touch(self, name: str) -> None:
         if name in self._entries:

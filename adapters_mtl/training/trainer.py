@@ -193,6 +193,7 @@ class MultiTaskTrainer:
                 "uncertainty or dwa"
             )
         torch.manual_seed(config.seed)
+        _allow_new_precision(config.mixed_precision)
         # adapters of tasks absent from a batch get no gradient: DDP must allow unused parameters
         self.acc = Accelerator(
             mixed_precision=config.mixed_precision,
@@ -524,6 +525,22 @@ class MultiTaskTrainer:
         for t, s in meta["streams"].items():
             self.streams[t].load(s)
         self.best, self.history = meta["best"], meta["history"]
+
+
+def _allow_new_precision(mixed_precision: str) -> None:
+    """Accelerate keeps one process-wide state, fixed by the first Accelerator: a second trainer asking
+    for another precision in the same single process (a notebook, a script running several recipes)
+    would be refused. There, drop that state (not the process group's PartialState) so the new one
+    applies; distributed runs keep Accelerate's refusal, since every rank must agree."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = AcceleratorState._shared_state
+    if (
+        state
+        and state.get("_mixed_precision") not in (None, mixed_precision)
+        and PartialState().num_processes == 1
+    ):
+        AcceleratorState._reset_state()
 
 
 # JSON-able attributes of the weighting methods that change while training (DWA's loss history, GradNorm's
