@@ -20,6 +20,7 @@ import torch
 
 from .merging import merge_adapters
 from .model import AdapterModel
+from .training.objectives import pad
 
 __all__ = ["Composer", "ComposerError", "Prediction"]
 
@@ -196,11 +197,8 @@ class Composer:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         names = self._row_adapters(adapters, len(prompts))
         tok = self._tokenizer()
-        side, tok.padding_side = tok.padding_side, "left"  # generation continues from the right edge
-        try:
-            enc = tok(prompts, padding=True, return_tensors="pt")
-        finally:
-            tok.padding_side = side
+        # left padding: generation continues from the right edge
+        enc = pad(tok, [{"input_ids": ids} for ids in tok(prompts)["input_ids"]], "left")
         enc = {k: enc[k].to(self._device()) for k in ("input_ids", "attention_mask")}
         generation_kwargs.setdefault("do_sample", False)
         generation_kwargs.setdefault("pad_token_id", tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)  # fmt: skip

@@ -233,16 +233,17 @@ def _samples(model, tokenizer, tasks: dict, per_task: int = 3, max_new_tokens: i
             for text, label in list(zip(data.splits["test"]["text"], data.splits["test"]["label"], strict=True))[:per_task]]  # fmt: skip
     if not rows:
         return []
-    prompts = [tasks[t].causal_ids(tokenizer, text, None)[0] for t, text, _ in rows]
-    width = max(len(p) for p in prompts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left padding for generation
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    from .training.objectives import pad
+
+    prompts = [{"input_ids": tasks[t].causal_ids(tokenizer, text, None)[0]} for t, text, _ in rows]
     device = next(model.base.parameters()).device
+    enc = {
+        k: v.to(device) for k, v in pad(tokenizer, prompts, "left").items()
+    }  # generation continues rightwards
     model.eval()
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), adapters=[t for t, _, _ in rows],
-                         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)  # fmt: skip
-    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    out = model.generate(**enc, adapters=[t for t, _, _ in rows], max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return [{"task": t, "prompt": text[:200], "target": target.strip(), "output": o.strip()}
             for (t, text, target), o in zip(rows, texts, strict=True)]  # fmt: skip
 

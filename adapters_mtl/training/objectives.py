@@ -17,19 +17,24 @@ from torch.nn import functional as F
 
 from ..tasks import TaskData, accuracy, classification_report, macro_f1
 
-__all__ = ["collate", "evaluate_task", "task_loss"]
+__all__ = ["collate", "evaluate_task", "pad", "task_loss"]
+
+
+def pad(tokenizer, features: list[dict], side: str) -> dict[str, torch.Tensor]:
+    """``tokenizer.pad`` on ``side`` (right for training, left for generation); the tokenizer's own
+    setting is restored."""
+    saved, tokenizer.padding_side = tokenizer.padding_side, side
+    try:
+        return dict(tokenizer.pad(features, return_tensors="pt"))
+    finally:
+        tokenizer.padding_side = saved
 
 
 def collate(tokenizer, features: list[dict]) -> tuple[dict[str, torch.Tensor], list]:
     """Right-pad the model inputs; labels stay one Python object per row (their shape depends on the kind)."""
     labels = [f["labels"] for f in features]
     inputs = [{k: v for k, v in f.items() if k != "labels"} for f in features]
-    side, tokenizer.padding_side = tokenizer.padding_side, "right"
-    try:
-        batch = tokenizer.pad(inputs, return_tensors="pt")
-    finally:
-        tokenizer.padding_side = side
-    return dict(batch), labels
+    return pad(tokenizer, inputs, "right"), labels
 
 
 def _label_tensor(labels: list, width: int, device, regression: bool = False) -> torch.Tensor:

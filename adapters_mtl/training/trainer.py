@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..heads import pool
 from ..merging import add_cat, lora_factors
 from ..model import AdapterModel
 from ..tasks import TaskData
@@ -142,9 +143,8 @@ class _Step(nn.Module):
         if discriminate_from is None:
             return out, None
         # the shared adapter's own representation of rows [discriminate_from:], mean-pooled over tokens
-        hidden = out.last_hidden_state[discriminate_from:]
-        mask = inputs["attention_mask"][discriminate_from:].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        mask = inputs["attention_mask"][discriminate_from:]
+        pooled = pool(out.last_hidden_state[discriminate_from:], mask, "mean", None)
         return out, self.discriminator(pooled)
 
 
