@@ -35,6 +35,10 @@ def validate_name(name: object, what: str = "adapter name") -> str:
     return name
 
 
+def _positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def _as_tuple(value: Any) -> tuple | str | None:
     if value is None or isinstance(value, str):
         return value
@@ -78,17 +82,20 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if not isinstance(self.r, int) or self.r <= 0:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             problems.append(f"r must be a positive int, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            problems.append(f"alpha must be a positive number, got {self.alpha!r}")
+        if not _positive_number(self.alpha):
+            problems.append(f"alpha must be a positive finite number, got {self.alpha!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in ("default", "gaussian", "random", "zeros"):
             problems.append(f"init must be 'default', 'gaussian', 'random' or 'zeros', got {self.init!r}")
         for key, rank in dict(self.rank_pattern).items():
-            if not isinstance(rank, int) or rank <= 0:
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
                 problems.append(f"rank_pattern[{key!r}] must be a positive int, got {rank!r}")
+        for key, alpha in dict(self.alpha_pattern).items():
+            if not _positive_number(alpha):
+                problems.append(f"alpha_pattern[{key!r}] must be a positive finite number, got {alpha!r}")
         if problems:
             raise ValueError("invalid LoraConfig: " + "; ".join(problems))
         object.__setattr__(self, "targets", _as_tuple(self.targets))

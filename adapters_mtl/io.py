@@ -16,13 +16,16 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
+import warnings
 from pathlib import Path
 
 import peft
 import torch
-from safetensors.torch import load, load_file, save_file
+from safetensors.torch import load, save_file
 
 from .config import HeadConfig, LoraConfig, PrefixConfig, validate_name
 from .methods.prefix import attention_geometry
@@ -38,6 +41,10 @@ __all__ = [
     "save_adapter",
     "to_peft_state_dict",
     "check_files",
+    "parse_card",
+    "read_adapter",
+    "read_regular",
+    "safe_relpath",
     "verify_files",
 ]
 
@@ -255,16 +262,148 @@ def _model_card(card: dict) -> str:
     return "\n".join(lines)
 
 
-def read_card(directory) -> dict | None:
-    """The adapter card of a folder, or None for a plain PEFT folder."""
+# ---------------------------------------------------------------------------------------------------------
+# Reading a folder. Everything below is checked without a model (what `read_adapter` returns is what the
+# registry's publish and verify accept), then `load_adapter` adds the checks that need the base model.
+# Written by hand: PEFT reads folders it trusts (it follows symlinks, falls back to the Hub for a missing
+# config and unpickles .bin files); a registry that serves other people's files cannot.
 
-    path = Path(directory) / CARD
-    if not path.exists():
-        return None
+MAX_CARD_BYTES = 1 << 20  # a card is a few KiB; a bigger one is not a card
+# the only kinds of files an adapter folder may list: tensors and JSON configs (never a pickle)
+LISTABLE_SUFFIXES = (".safetensors", ".json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# dtypes an adapter file may store; they are converted to the model's adapter dtype on load, with a
+# warning when the conversion loses precision (float64 -> float32, float32 -> bfloat16/float16)
+STORED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_CARD_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,), "task": (str,), "description": (str, type(None)), "methods": (list,),
+    "configs": (dict,), "base_model": (str, type(None)), "base_model_type": (str, type(None)),
+    "base_fingerprint": (str, type(None)), "head": (dict, type(None)),
+    "label_names": (list, type(None)), "metrics": (dict,), "recipe": (dict,), "created": (str,),
+    "library": (str,), "files": (dict,),
+}  # fmt: skip
+
+
+def safe_relpath(rel: object, where: str) -> str:
+    """Check one ``files`` entry of a card: a relative POSIX path inside the folder, of a listable kind.
+
+    Raises:
+        AdapterFileError: an absolute path, ``..``, a backslash, an empty part, or a pickle / other suffix.
+    """
+    if not isinstance(rel, str) or not rel:
+        raise AdapterFileError(f"{where}: card lists a file named {rel!r}; expected a relative path string")
+    parts = rel.split("/")
+    if rel.startswith("/") or "\\" in rel or ":" in parts[0] or any(p in ("", ".", "..") for p in parts):
+        raise AdapterFileError(
+            f"{where}: card lists {rel!r}, a path outside the folder (absolute, '..', '.' or a backslash); "
+            "a card may only list files inside its own folder, e.g. 'adapter_model.safetensors'"
+        )
+    if rel.lower().endswith(PICKLE_SUFFIXES):
+        raise AdapterFileError(
+            f"{where}: card lists {rel!r}, a pickle, which adapters_mtl never reads or publishes (it can run "
+            "code); convert it to safetensors"
+        )
+    if not rel.endswith(LISTABLE_SUFFIXES):
+        raise AdapterFileError(
+            f"{where}: card lists {rel!r}; an adapter folder holds only {LISTABLE_SUFFIXES} files"
+        )
+    return rel
+
+
+def read_regular(root: Path, rel: str, limit: int | None = None) -> bytes | None:
+    """Bytes of ``root/rel`` if it is a regular file reached without any symlink, else None if missing.
+
+    Raises:
+        AdapterFileError: a symlink (of the file or of a folder on the way) or a non-regular file.
+    """
+    path = root
+    for part in rel.split("/"):
+        path = path / part
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            raise AdapterFileError(
+                f"{path} is a symbolic link; adapter folders are read without following links (a link can "
+                "point anywhere on the machine). Copy the real file into the folder."
+            )
+    if not stat.S_ISREG(st.st_mode):
+        raise AdapterFileError(f"{path} is not a regular file")
+    if limit is not None and st.st_size > limit:
+        raise AdapterFileError(f"{path} is {st.st_size} bytes; expected at most {limit}")
+    # O_NOFOLLOW: the final component cannot have been swapped for a link since the check
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read()
+
+
+def parse_card(data: bytes, where: str) -> dict:
+    """The adapter card in ``data``, checked field by field.
+
+    Raises:
+        AdapterFileError: not JSON, not an object, a field of the wrong type, a bad ``files`` entry or head.
+    """
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise AdapterFileError(f"{path} is not a readable adapter card ({e}); the folder is damaged") from e
+        card = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise AdapterFileError(f"{where} is not a readable adapter card ({e}); the folder is damaged") from e
+    if not isinstance(card, dict):
+        raise AdapterFileError(
+            f"{where} holds a JSON {type(card).__name__}; an adapter card is a JSON object "
+            "(as written by save_adapter); the folder is damaged"
+        )
+    problems = [
+        f"{key!r} is {type(card[key]).__name__}, expected {' or '.join(t.__name__ for t in types)}"
+        for key, types in _CARD_TYPES.items()
+        if key in card and not isinstance(card[key], types)
+    ]
+    if "files" not in card:
+        problems.append("'files' (the sha256 of every file) is missing")
+    if problems:
+        raise AdapterFileError(f"{where} is not a valid adapter card: " + "; ".join(problems))
+    for rel, digest in card["files"].items():
+        safe_relpath(rel, where)
+        if not isinstance(digest, str) or not _HEX64.match(digest):
+            raise AdapterFileError(f"{where}: the sha256 of {rel!r} is {digest!r}, expected 64 hex digits")
+    if card.get("name") is not None:
+        try:
+            validate_name(card["name"])
+        except ValueError as e:
+            raise AdapterFileError(f"{where}: {e}") from e
+    if card.get("methods") is not None and not all(isinstance(m, str) for m in card["methods"]):
+        raise AdapterFileError(f"{where}: 'methods' must be a list of strings, got {card['methods']!r}")
+    _head_config(card, where)
+    return card
+
+
+def _head_config(card: dict, where: str) -> HeadConfig | None:
+    spec = card.get("head")
+    if not spec:
+        return None
+    fields = {f.name for f in dataclasses.fields(HeadConfig)}
+    unknown = sorted(set(spec) - fields)
+    if unknown:
+        raise AdapterFileError(
+            f"{where}: the card's head has unknown keys {unknown}; expected some of {sorted(fields)} "
+            "(the card was edited, or written by a newer adapters_mtl)"
+        )
+    spec = dict(spec)
+    if isinstance(spec.get("label_names"), list):
+        spec["label_names"] = tuple(spec["label_names"])
+    try:
+        return HeadConfig(**spec)
+    except (TypeError, ValueError) as e:
+        raise AdapterFileError(f"{where}: the card's head is not valid: {e}") from e
+
+
+def read_card(directory) -> dict | None:
+    """The checked adapter card of a folder, or None for a plain PEFT folder (no card)."""
+
+    root = Path(directory)
+    data = read_regular(root, CARD, limit=MAX_CARD_BYTES)
+    return None if data is None else parse_card(data, str(root / CARD))
 
 
 def check_files(card: dict, read, present: list[str], where: str) -> dict[str, bytes]:
@@ -286,7 +425,7 @@ def check_files(card: dict, read, present: list[str], where: str) -> dict[str, b
     blobs: dict[str, bytes] = {}
     listed = card.get("files", {})
     for rel, digest in listed.items():
-        data = read(rel)
+        data = read(safe_relpath(rel, where))
         if data is None:
             problems.append(f"{rel} is missing")
             continue
@@ -300,74 +439,120 @@ def check_files(card: dict, read, present: list[str], where: str) -> dict[str, b
 
 
 def verify_files(directory, card: dict) -> dict[str, bytes]:
-    """:func:`check_files` for a local folder."""
+    """:func:`check_files` for a local folder (no symlink is followed)."""
     root = Path(directory)
     present = [p.relative_to(root).as_posix() for p in root.rglob("*.safetensors")]
-    return check_files(
-        card, lambda rel: (root / rel).read_bytes() if (root / rel).is_file() else None, present, str(root)
+    return check_files(card, lambda rel: read_regular(root, rel), present, str(root))
+
+
+@dataclasses.dataclass
+class AdapterPart:
+    """One PEFT folder of an adapter (the top level, or ``prefix/``): its configs and tensors."""
+
+    folder: str  # "" or "prefix"
+    peft_config: object
+    config: LoraConfig | PrefixConfig
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass
+class AdapterFolder:
+    """An adapter folder read and checked without a model (see :func:`read_adapter`)."""
+
+    root: Path
+    card: dict | None
+    parts: list[AdapterPart]
+    head: HeadConfig | None
+    head_tensors: dict[str, torch.Tensor]
+    files: dict[str, bytes]  # every file read, by relative path, exactly as checked
+
+    @property
+    def name(self) -> str | None:
+        return (self.card or {}).get("name")
+
+
+def _parse_peft_config(data: bytes, where: str):
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise AdapterFileError(f"{where} is not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise AdapterFileError(f"{where} holds a JSON {type(raw).__name__}; a PEFT config is a JSON object")
+    try:
+        return peft.PeftConfig.from_peft_type(**peft.PeftConfig.check_kwargs(**raw))
+    except (
+        Exception
+    ) as e:  # PEFT raises several types (KeyError for an unknown peft_type, ValueError, TypeError)
+        raise AdapterFileError(f"{where} is not a valid PEFT config: {type(e).__name__}: {e}") from e
+
+
+def _native_config(peft_cfg, where: str) -> LoraConfig | PrefixConfig:
+    kind = type(peft_cfg).__name__
+    try:
+        if kind == "LoraConfig":
+            return LoraConfig.from_peft(peft_cfg)
+        if kind == "PrefixTuningConfig":
+            return PrefixConfig(num_virtual_tokens=peft_cfg.num_virtual_tokens, projection=False)
+    except (TypeError, ValueError) as e:
+        raise AdapterFileError(f"{where}: {e}") from e
+    raise AdapterFileError(
+        f"{where}: adapter type {peft_cfg.peft_type} is not supported: expected LORA or PREFIX_TUNING"
     )
 
 
-def _read_part(folder, data: bytes | None = None):
-    """(PEFT config, tensors) of one PEFT folder (``data``: the weights file's verified bytes); refuses pickles."""
-
-    folder = Path(folder)
-    weights = folder / WEIGHTS
-    if not weights.is_file():
-        if (folder / "adapter_model.bin").exists():
-            raise AdapterFileError(
-                f"{folder} holds adapter_model.bin, a pickle, which adapters_mtl never loads (it can run code). "
-                "Convert it once in a trusted environment: `from safetensors.torch import save_file; "
-                "save_file(torch.load('adapter_model.bin', weights_only=True), 'adapter_model.safetensors')`."
-            )
-        raise AdapterFileError(f"{folder} has no {WEIGHTS}: expected a PEFT or adapters_mtl adapter folder")
-    if not (folder / CONFIG).is_file():
-        raise AdapterFileError(f"{folder} has no {CONFIG}: expected a PEFT or adapters_mtl adapter folder")
+def _parse_tensors(data: bytes, where: str) -> dict[str, torch.Tensor]:
     try:
-        cfg = peft.PeftConfig.from_pretrained(str(folder))
-    except Exception as e:  # PEFT raises several types for a bad config
-        raise AdapterFileError(f"{folder / CONFIG} is not a valid PEFT config: {e}") from e
-    try:
-        tensors = load(data) if data is not None else load_file(str(weights))
+        tensors = load(data)
     except Exception as e:  # safetensors raises its own error type for a truncated/corrupt header
         raise AdapterFileError(
-            f"{weights} is not a readable safetensors file ({e}); it may be truncated"
+            f"{where} is not a readable safetensors file ({e}); it may be truncated"
         ) from e
-    bad = sorted(k for k, t in tensors.items() if not t.is_floating_point())
+    problems = []
+    bad = sorted(k for k, t in tensors.items() if t.dtype not in STORED_DTYPES)
     if bad:
-        raise AdapterFileError(f"{weights}: tensors {bad[:5]} are not floating point")
-    return cfg, tensors
-
-
-def _native_part(model: AdapterModel, peft_cfg):
-
-    kind = type(peft_cfg).__name__
-    if kind == "LoraConfig":
-        return LoraConfig.from_peft(peft_cfg)
-    if kind != "PrefixTuningConfig":
-        raise AdapterFileError(
-            f"adapter type {peft_cfg.peft_type} is not supported: expected LORA or PREFIX_TUNING"
+        problems.append(
+            f"tensors {bad[:5]} have dtype {tensors[bad[0]].dtype}; adapter weights are stored as one of "
+            f"{[str(d).removeprefix('torch.') for d in STORED_DTYPES]}"
         )
-    layers, kv_heads, head_dim = attention_geometry(model.config)
-    want = (layers, kv_heads, kv_heads * head_dim)
-    got = (peft_cfg.num_layers, peft_cfg.num_attention_heads, peft_cfg.token_dim)
-    if None not in got and got != want:
-        raise AdapterFileError(
-            f"prefix adapter was made for (layers, KV heads, KV width) = {got} but this base model has {want}: "
-            "it belongs to another base model"
-        )
-    return PrefixConfig(num_virtual_tokens=peft_cfg.num_virtual_tokens, projection=False)
+    nonfinite = sorted(k for k, t in tensors.items() if k not in bad and not bool(torch.isfinite(t).all()))
+    if nonfinite:
+        problems.append(f"tensors {nonfinite[:5]} hold NaN or Inf values (a diverged training run?)")
+    if problems:
+        raise AdapterFileError(f"{where}: " + "; ".join(problems))
+    return tensors
 
 
-def load_adapter(model: AdapterModel, directory, name: str | None = None, *, check_base: bool = True) -> str:
-    """Attach the adapter stored in ``directory`` (ours or any PEFT LoRA / prefix folder).
+def _check_lora_tensors(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """LoRA factors come in (A, B) pairs of 2-D tensors whose ranks agree (the base checks the rest)."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    problems = []
+    for key, t in tensors.items():
+        if key.startswith(_HEAD_PREFIX) or key == "prompt_embeddings":
+            continue
+        m = re.match(r"^(.+)\.lora_([AB])\.weight$", key)
+        if not m:
+            problems.append(f"unexpected key {key!r} (expected <module>.lora_A.weight / .lora_B.weight)")
+            continue
+        pairs.setdefault(m[1], {})[m[2]] = t
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            problems.append(f"{module} has lora_{''.join(ab)} but not its partner")
+        elif ab["A"].dim() != 2 or ab["B"].dim() != 2 or ab["A"].shape[0] != ab["B"].shape[1]:
+            problems.append(
+                f"{module}: lora_A {tuple(ab['A'].shape)} and lora_B {tuple(ab['B'].shape)} are not "
+                "(r, in) and (out, r) with the same r"
+            )
+    if problems:
+        raise AdapterFileError(f"{where}: " + "; ".join(problems[:8]))
 
-    Everything is checked before anything is attached: file checksums (when the folder has our card),
-    that no pickle is read, tensor names, shapes and dtypes against the config and the base model, and
-    the base fingerprint (``check_base=False`` skips only that). On any error nothing stays attached.
 
-    Returns:
-        The adapter's name (``name``, else the card's name, else the folder's name).
+def read_adapter(directory) -> AdapterFolder:
+    """Read and check an adapter folder (ours or PEFT's LoRA / prefix) without touching any model.
+
+    Checked: the card (a JSON object with typed fields, safe ``files`` paths, a valid head), every listed
+    file's sha256, that no symlink is followed and no pickle is read, every PEFT config, every
+    safetensors header, tensor dtypes (:data:`STORED_DTYPES`), finite values, LoRA factor pairs and ranks,
+    and that head tensors match the card's head. ``load_adapter`` adds the checks against a base model.
 
     Raises:
         AdapterFileError: what is wrong with the folder, and what to do.
@@ -379,56 +564,150 @@ def load_adapter(model: AdapterModel, directory, name: str | None = None, *, che
             f"{root} is not a folder: expected an adapter folder (adapter_config.json + {WEIGHTS})"
         )
     card = read_card(root)
-    blobs: dict[str, bytes] = {}
     if card is not None:
-        blobs = verify_files(root, card)
-        if (
-            check_base
-            and card.get("base_fingerprint")
-            and card["base_fingerprint"] != base_fingerprint(model)
+        files = verify_files(root, card)
+        missing = [f for f in (CONFIG, WEIGHTS) if f not in files]
+        if missing:
+            raise AdapterFileError(
+                f"{root / CARD} does not list {missing}; expected PEFT's files in its 'files'"
+            )
+    else:
+        files = {}
+        for rel in (CONFIG, WEIGHTS, f"prefix/{CONFIG}", f"prefix/{WEIGHTS}"):
+            data = read_regular(root, rel)
+            if data is not None:
+                files[rel] = data
+    parts = []
+    for sub in ("", "prefix"):
+        if sub and not (
+            any(rel.startswith(f"{sub}/") for rel in files) or (card is None and (root / sub).is_dir())
         ):
+            continue
+        where = root / sub if sub else root
+        cfg_rel, weights_rel = f"{sub}/{CONFIG}".lstrip("/"), f"{sub}/{WEIGHTS}".lstrip("/")
+        if weights_rel not in files:
+            pickles = [p.name for p in where.glob("adapter_model.*") if p.suffix in PICKLE_SUFFIXES]
+            if pickles:
+                raise AdapterFileError(
+                    f"{where} holds {pickles[0]}, a pickle, which adapters_mtl never loads (it can run code). "
+                    "Convert it once in a trusted environment: `from safetensors.torch import save_file; "
+                    "save_file(torch.load('adapter_model.bin', weights_only=True), 'adapter_model.safetensors')`."
+                )
+            raise AdapterFileError(
+                f"{where} has no {WEIGHTS}: expected a PEFT or adapters_mtl adapter folder"
+            )
+        if cfg_rel not in files:
+            raise AdapterFileError(f"{where} has no {CONFIG}: expected a PEFT or adapters_mtl adapter folder")
+        peft_cfg = _parse_peft_config(files[cfg_rel], str(root / cfg_rel))
+        config = _native_config(peft_cfg, str(root / cfg_rel))
+        tensors = _parse_tensors(files[weights_rel], str(root / weights_rel))
+        _check_lora_tensors(tensors, str(root / weights_rel))
+        parts.append(AdapterPart(sub, peft_cfg, config, tensors))
+    if len({p.config.method for p in parts}) != len(parts):
+        raise AdapterFileError(f"{root}: the top level and prefix/ hold the same method twice")
+    head_tensors = {
+        k[len(_HEAD_PREFIX) :]: v for p in parts for k, v in p.tensors.items() if k.startswith(_HEAD_PREFIX)
+    }
+    head = _head_config(card, str(root / CARD)) if card is not None else None
+    if head is None and head_tensors:
+        raise AdapterFileError(f"{root} has head tensors but no adapter card describing the head")
+    if head is not None:
+        # the head is dropout + Linear(hidden, num_labels); the hidden size is checked against the base
+        width = head_tensors.get("classifier.weight", torch.empty(0)).shape[-1:] or (0,)
+        want = {"classifier.weight": (head.num_labels, width[0]), "classifier.bias": (head.num_labels,)}
+        got = {k: tuple(v.shape) for k, v in head_tensors.items()}
+        if want != got:
+            raise AdapterFileError(
+                f"{root}: head tensors {sorted(got.items())} do not match the card's head "
+                f"({head.kind}, {head.num_labels} labels: {sorted(want.items())})"
+            )
+    return AdapterFolder(root, card, parts, head, head_tensors, files)
+
+
+def load_adapter(model: AdapterModel, directory, name: str | None = None, *, check_base: bool = True) -> str:
+    """Attach the adapter stored in ``directory`` (ours or any PEFT LoRA / prefix folder).
+
+    Everything is checked before anything is attached: all of :func:`read_adapter` (checksums, no
+    symlink followed, no pickle read, configs, headers, dtypes, finite values), then tensor names and
+    shapes against the base model and the base fingerprint (``check_base=False`` skips only that).
+    Stored dtypes other than the model's are converted, with a warning when that loses precision.
+    On any error nothing stays attached.
+
+    Returns:
+        The adapter's name (``name``, else the card's name, else the folder's name).
+
+    Raises:
+        AdapterFileError: what is wrong with the folder, and what to do.
+    """
+
+    folder = read_adapter(directory)
+    root, card = folder.root, folder.card
+    if check_base and card is not None and card.get("base_fingerprint"):
+        if card["base_fingerprint"] != base_fingerprint(model):
             raise AdapterFileError(
                 f"adapter {card.get('name')!r} was trained on base {card.get('base_model')!r} "
                 f"({card['base_fingerprint'][:23]}…) but this model's base weights differ "
                 f"({base_fingerprint(model)[:23]}…). Load it on its own base model, or pass check_base=False "
                 "if you know the weights are equivalent (e.g. another precision)."
             )
-    name = validate_name(name or (card or {}).get("name") or root.name)
-    cfg, tensors = _read_part(root, blobs.get(WEIGHTS))
-    parts = [(_native_part(model, cfg), tensors)]
-    if (root / "prefix").is_dir():
-        pcfg, ptensors = _read_part(root / "prefix", blobs.get(f"prefix/{WEIGHTS}"))
-        parts.append((_native_part(model, pcfg), ptensors))
-    head_tensors = {k[len(_HEAD_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_HEAD_PREFIX)}
-    head = None
-    if card is not None and card.get("head"):
-        spec = dict(card["head"])
-        spec["label_names"] = tuple(spec["label_names"]) if spec.get("label_names") else None
-        head = HeadConfig(**spec)
-    elif head_tensors:
-        raise AdapterFileError(f"{root} has head tensors but no adapter card describing the head")
+    try:
+        name = validate_name(name or folder.name or root.name)
+    except ValueError as e:
+        raise AdapterFileError(f"{e} (pass name= to load_adapter)") from e
+    for part in folder.parts:
+        if isinstance(part.config, PrefixConfig):
+            _check_prefix_geometry(model, part.peft_config, root / part.folder)
     merged_state: dict[str, torch.Tensor] = {}
-    for _, part in parts:
-        merged_state.update({k: v for k, v in part.items() if not k.startswith(_HEAD_PREFIX)})
+    for part in folder.parts:
+        merged_state.update({k: v for k, v in part.tensors.items() if not k.startswith(_HEAD_PREFIX)})
+    dtype = next((p.dtype for p in model.base.parameters() if p.is_floating_point()), torch.float32)
+    _warn_lossy(merged_state | folder.head_tensors, dtype, root)
     # values are copied in right after: skip the random initialisation
-    configs = [dataclasses.replace(p, init="zeros") if isinstance(p, LoraConfig) else p for p, _ in parts]
-    model.add_adapter(name, configs, head=head, trainable=False)
+    configs = [dataclasses.replace(p.config, init="zeros") if isinstance(p.config, LoraConfig) else p.config
+               for p in folder.parts]  # fmt: skip
+    try:
+        model.add_adapter(name, configs, head=folder.head, trainable=False)
+    except (TypeError, ValueError) as e:
+        raise AdapterFileError(f"{root}: cannot attach the adapter to this model: {e}") from e
     try:
         load_peft_state_dict(model, name, merged_state)
-        if head is not None:
-            module = model.heads[name]
-            own = dict(module.named_parameters())
-            if set(own) != set(head_tensors) or any(own[k].shape != head_tensors[k].shape for k in own):
+        if folder.head is not None:
+            own = dict(model.heads[name].named_parameters())
+            if any(own[k].shape != folder.head_tensors[k].shape for k in own):
                 raise AdapterFileError(
-                    f"head tensors {sorted((k, tuple(v.shape)) for k, v in head_tensors.items())} do not match the "
-                    f"card's head {sorted((k, tuple(v.shape)) for k, v in own.items())}"
+                    f"head tensors {sorted((k, tuple(v.shape)) for k, v in folder.head_tensors.items())} do not "
+                    f"match this base's hidden size: {sorted((k, tuple(v.shape)) for k, v in own.items())}"
                 )
             with torch.no_grad():
                 for k, p in own.items():
-                    p.copy_(head_tensors[k].to(p.dtype))
+                    p.copy_(folder.head_tensors[k].to(p.dtype))
     except Exception as e:
         model.remove_adapter(name)
         if isinstance(e, ValueError) and not isinstance(e, AdapterFileError):
             raise AdapterFileError(str(e)) from e
         raise
     return name
+
+
+def _check_prefix_geometry(model: AdapterModel, peft_cfg, where: Path) -> None:
+    layers, kv_heads, head_dim = attention_geometry(model.config)
+    want = (layers, kv_heads, kv_heads * head_dim)
+    got = (peft_cfg.num_layers, peft_cfg.num_attention_heads, peft_cfg.token_dim)
+    if None not in got and got != want:
+        raise AdapterFileError(
+            f"{where}: prefix adapter was made for (layers, KV heads, KV width) = {got} but this base model "
+            f"has {want}: it belongs to another base model"
+        )
+
+
+def _warn_lossy(tensors: dict[str, torch.Tensor], target: torch.dtype, root: Path) -> None:
+    """Warn once per folder when stored weights lose precision on their way to the model's dtype."""
+    order = {torch.float16: 0, torch.bfloat16: 0, torch.float32: 1, torch.float64: 2}
+    lossy = sorted({str(t.dtype) for t in tensors.values() if order.get(t.dtype, 1) > order.get(target, 1)
+                    or {t.dtype, target} == {torch.float16, torch.bfloat16}})  # fmt: skip
+    if lossy:
+        warnings.warn(
+            f"{root}: adapter weights stored as {lossy} are converted to the model's {target}, which loses "
+            "precision; load the model in the adapter's dtype to keep every bit",
+            stacklevel=3,
+        )

@@ -1,0 +1,401 @@
+"""The store: a registry's files, the source of truth.
+
+Layout (under the root, a local folder or any fsspec URL):
+  adapters/<name>/<version>/      one adapter folder (see files in io.py) + registry.json (tags, publish time)
+  adapters/<name>/aliases.json    {"prod": 2, ...}   ("latest" is implicit: the highest version)
+  adapters/<name>/.claims/<v>     one empty file per version number ever handed out: numbers are never reused
+  staging/<uuid>/ (+ <uuid>.lock) local publishes in progress (never visible; the lock tells a live writer)
+  trash/<uuid>/                   local removals in progress (never visible)
+
+A version is visible once its folder holds ``adapter_card.json``. Locally the whole folder appears in one
+rename under an exclusive ``flock`` on ``<root>/.lock`` (released by the OS if the writer dies). On object
+stores (no rename) a version number is claimed with a conditional create (S3 ``If-None-Match: *``), so two
+machines can never take the same number, and the card is uploaded last, so the version becomes visible
+complete. Stores with no conditional create are refused for publishing unless ``single_writer=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fsspec
+
+from ..config import validate_name
+from ..io import CARD
+
+__all__ = ["Store", "StoreError", "VersionFiles"]
+
+_THREAD_LOCKS: dict[str, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+# object stores whose ``pipe_file(mode="create")`` is an atomic create-if-absent (s3fs: If-None-Match;
+# memory: one process by nature, "xb" under its own lock)
+_CONDITIONAL_CREATE = {"s3", "s3a", "memory"}
+REGISTRY_META = "registry.json"
+
+
+class StoreError(RuntimeError):
+    """The store cannot do what was asked (read-only, no conditional create, a failed write)."""
+
+
+@dataclass(frozen=True)
+class VersionFiles:
+    """What a version folder says about itself (read without parsing tensors)."""
+
+    card: dict
+    meta: dict
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+
+
+class Store:
+    """Files of one registry root. Every path given to or returned by its methods is relative to the root.
+
+    Args:
+        url: a local folder or an fsspec URL.
+        single_writer: allow publishing on a store without conditional create (you guarantee that one
+            process writes at a time).
+    """
+
+    def __init__(self, url: str, *, single_writer: bool = False) -> None:
+        self.url = url
+        self.fs, root = fsspec.core.url_to_fs(url)
+        self.root = root.rstrip("/") or "/"
+        protocols = _protocols(self.fs)
+        self.local = "file" in protocols or "local" in protocols
+        self.conditional_create = self.local or bool(_CONDITIONAL_CREATE & set(protocols))
+        self.single_writer = single_writer
+        try:
+            self.fs.makedirs(self.path("adapters"), exist_ok=True)
+        except OSError:
+            pass  # a read-only root: reads still work; writes say why they cannot
+        self.writable = self._probe_writable()
+
+    # ------------------------------------------------------------------ paths
+    def path(self, *parts: str) -> str:
+        """The store path of a root-relative path."""
+        return "/".join([self.root.rstrip("/"), *parts]) if self.root != "/" else "/" + "/".join(parts)
+
+    def version_rel(self, name: str, version: int) -> str:
+        return f"adapters/{name}/{version}"
+
+    def _probe_writable(self) -> bool:
+        if not self.local:
+            return True  # object stores answer writes with errors of their own
+        probe = self.path(f".write-probe-{uuid.uuid4().hex}")
+        try:
+            with open(probe, "wb"):
+                pass
+            os.unlink(probe)
+            return True
+        except OSError:
+            return False
+
+    def require_writable(self, what: str) -> None:
+        if not self.writable:
+            raise StoreError(
+                f"cannot {what}: the registry root {self.url} is read-only (reading, listing, verifying and "
+                "loading still work). Publish to a writable copy, or ask whoever owns the root."
+            )
+
+    # ------------------------------------------------------------------ the lock
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive across threads; across processes too for local roots (``flock``)."""
+        with _THREAD_LOCKS_GUARD:
+            lock = _THREAD_LOCKS.setdefault(self.url, threading.Lock())
+        with lock:
+            if not self.local:
+                yield
+                return
+            import fcntl
+
+            with open(self.path(".lock"), "a+") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------ reading
+    def refresh(self) -> None:
+        """Forget cached listings (object stores cache them): other machines may have written."""
+        if not self.local:
+            self.fs.invalidate_cache()
+
+    def names(self) -> tuple[list[str], dict[str, str]]:
+        """(valid adapter names on disk, {folder: why it is skipped} for folders that are not names)."""
+        base = self.path("adapters")
+        if not self.fs.exists(base):
+            return [], {}
+        names, skipped = [], {}
+        for entry in self.fs.ls(base, detail=False):
+            last = entry.rstrip("/").rsplit("/", 1)[-1]
+            try:
+                names.append(validate_name(last))
+            except ValueError:
+                skipped[last] = "not a valid adapter name (a folder someone put there by hand?)"
+        return sorted(names), skipped
+
+    def versions(self, name: str) -> list[int]:
+        """Visible versions of ``name`` (folders named by a number that hold a card)."""
+        folder = self.path("adapters", name)
+        if not self.fs.exists(folder):
+            return []
+        out = []
+        for entry in self.fs.ls(folder, detail=False):
+            last = entry.rstrip("/").rsplit("/", 1)[-1]
+            if last.isascii() and last.isdigit() and self.fs.exists(f"{entry.rstrip('/')}/{CARD}"):
+                out.append(int(last))
+        return sorted(out)
+
+    def claimed(self, name: str) -> list[int]:
+        folder = self.path("adapters", name, ".claims")
+        if not self.fs.exists(folder):
+            return []
+        found = (e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(folder, detail=False))
+        return sorted(int(v) for v in found if v.isascii() and v.isdigit())
+
+    def read(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def read_version(self, name: str, version: int) -> VersionFiles:
+        """The card and registry metadata of a version.
+
+        Raises:
+            ValueError (AdapterFileError): a damaged card, naming the file.
+        """
+        from ..io import parse_card
+
+        rel = self.version_rel(name, version)
+        card = parse_card(self.read(f"{rel}/{CARD}"), f"{self.path(rel, CARD)}")
+        meta: dict = {}
+        if self.exists(f"{rel}/{REGISTRY_META}"):
+            try:
+                meta = json.loads(self.read(f"{rel}/{REGISTRY_META}"))
+            except (ValueError, RecursionError):
+                meta = {}
+            if not isinstance(meta, dict):
+                meta = {}
+        return VersionFiles(card, meta)
+
+    def aliases(self, name: str) -> dict[str, int]:
+        """``aliases.json`` of ``name`` ({} when absent).
+
+        Raises:
+            ValueError: a damaged file (not JSON, or not ``{alias: version}``), naming it.
+        """
+        rel = f"adapters/{name}/aliases.json"
+        if not self.exists(rel):
+            return {}
+        where = self.path(rel)
+        try:
+            data = json.loads(self.read(rel))
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"{where} is not valid JSON ({e})") from e
+        if not isinstance(data, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
+            for k, v in data.items()
+        ):
+            raise ValueError(f'{where} is not an object of alias -> version number, e.g. {{"prod": 2}}')
+        return data
+
+    # ------------------------------------------------------------------ writing
+    def next_version(self, name: str) -> int:
+        return max([0, *self.versions(name), *self.claimed(name)]) + 1
+
+    def _claim(self, name: str, version: int) -> bool:
+        """Take ``version`` for ``name``; False if another writer has it."""
+        path = self.path("adapters", name, ".claims", str(version))
+        if self.local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return False
+            return True
+        self.fs.makedirs(self.path("adapters", name, ".claims"), exist_ok=True)
+        try:
+            self.fs.pipe_file(path, b"", mode="create")
+        except FileExistsError:
+            return False
+        except OSError as e:  # s3fs: 412 Precondition Failed
+            if "Precondition" in str(e) or getattr(e, "errno", None) == errno.EEXIST:
+                return False
+            raise
+        return True
+
+    def publish(self, name: str, files: dict[str, bytes], aliases: tuple[str, ...] = ()) -> int:
+        """Make ``files`` (relative path -> bytes, the card among them) the next version of ``name``.
+
+        Either the version becomes visible complete and its number is returned, or an exception is
+        raised and nothing is visible (a claimed number may be burnt: numbers are never reused anyway).
+        """
+        self.require_writable("publish")
+        if not self.conditional_create and not self.single_writer:
+            raise StoreError(
+                f"{self.url}: this store ({'/'.join(_protocols(self.fs))}) has no conditional create, so two "
+                "machines publishing at once could take the same version. Publish from one process with "
+                "AdapterRegistry(root, single_writer=True), or use a local folder or S3."
+            )
+        if self.local:
+            return self._publish_local(name, files, aliases)
+        return self._publish_remote(name, files, aliases)
+
+    def _publish_local(self, name: str, files: dict[str, bytes], aliases: tuple[str, ...]) -> int:
+        import fcntl
+
+        stage_id = uuid.uuid4().hex
+        stage = self.path("staging", stage_id)
+        os.makedirs(self.path("staging"), exist_ok=True)
+        # taken before the stage exists and held while this writer lives: rebuild() only removes stages
+        # whose lock it can take
+        live = open(self.path("staging", f"{stage_id}.lock"), "a+")  # noqa: SIM115 (closed in finally)
+        fcntl.flock(live, fcntl.LOCK_EX)
+        try:
+            os.makedirs(stage)
+            for rel, data in files.items():
+                os.makedirs(os.path.dirname(f"{stage}/{rel}"), exist_ok=True)
+                with open(f"{stage}/{rel}", "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())  # a full disk fails here, before anything is visible
+            _crash_point("staged")
+            with self.lock():
+                version = self.next_version(name)
+                while not self._claim(name, version):
+                    version += 1
+                alias_tmp = self._stage_aliases(name, aliases, version) if aliases else None
+                os.rename(stage, self.path(self.version_rel(name, version)))  # visible, all at once
+                _crash_point("visible")
+                if alias_tmp is not None:
+                    os.replace(alias_tmp, self.path("adapters", name, "aliases.json"))
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path("staging", f"{stage_id}.lock"))
+            live.close()
+        return version
+
+    def _stage_aliases(self, name: str, aliases: tuple[str, ...], version: int) -> str:
+        current = self.aliases_or_empty(name)
+        current.update(dict.fromkeys(aliases, version))
+        tmp = self.path("adapters", name, f".aliases.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(json.dumps(current, sort_keys=True).encode())
+            fh.flush()
+            os.fsync(fh.fileno())
+        return tmp
+
+    def aliases_or_empty(self, name: str) -> dict[str, int]:
+        try:
+            return self.aliases(name)
+        except ValueError:
+            return {}  # a damaged aliases.json is replaced by the next write
+
+    def _publish_remote(self, name: str, files: dict[str, bytes], aliases: tuple[str, ...]) -> int:
+        self.refresh()
+        with self.lock():  # one writer per process; the claim protects against other machines
+            version = self.next_version(name)
+            while not self._claim(name, version):
+                version += 1
+                self.refresh()
+            rel = self.version_rel(name, version)
+            try:
+                for path, data in sorted(files.items(), key=lambda kv: kv[0] == CARD):  # the card last
+                    self.fs.pipe_file(self.path(rel, path), data)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.fs.rm(self.path(rel), recursive=True)
+                raise
+            if aliases:
+                current = self.aliases_or_empty(name)
+                current.update(dict.fromkeys(aliases, version))
+                self.write_aliases(name, current)
+        return version
+
+    def write_aliases(self, name: str, aliases: dict[str, int]) -> None:
+        self.require_writable("change aliases")
+        path = self.path("adapters", name, "aliases.json")
+        data = json.dumps(aliases, sort_keys=True).encode()
+        if self.local:  # atomic replace
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def remove(self, name: str, version: int) -> None:
+        """Hide the version in one step, then delete its files (its number stays claimed)."""
+        self.require_writable("remove")
+        rel = self.version_rel(name, version)
+        if self.local:
+            trash = self.path("trash", uuid.uuid4().hex)
+            os.makedirs(self.path("trash"), exist_ok=True)
+            os.rename(self.path(rel), trash)
+            import shutil
+
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            self.fs.rm_file(self.path(rel, CARD))  # hidden: a version is visible through its card
+            self.fs.rm(self.path(rel), recursive=True)
+
+    def clean_leftovers(self) -> list[str]:
+        """Remove what killed writers left (stages whose writer is gone, trash). Returns what was removed."""
+        if not (self.local and self.writable):
+            return []
+        import fcntl
+        import shutil
+
+        removed = []
+        trash = self.path("trash")
+        if os.path.isdir(trash):
+            shutil.rmtree(trash, ignore_errors=True)
+            removed.append("trash")
+        staging = self.path("staging")
+        if os.path.isdir(staging):
+            for entry in sorted(os.listdir(staging)):
+                if entry.endswith(".lock"):
+                    if not os.path.exists(os.path.join(staging, entry[: -len(".lock")])):
+                        with contextlib.suppress(OSError), open(os.path.join(staging, entry), "a+") as fh:
+                            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                            os.unlink(os.path.join(staging, entry))
+                    continue
+                lock_path = os.path.join(staging, f"{entry}.lock")
+                with open(lock_path, "a+") as fh:
+                    try:
+                        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # a live publish: leave it alone
+                    shutil.rmtree(os.path.join(staging, entry), ignore_errors=True)
+                    os.unlink(lock_path)
+                    removed.append(f"staging/{entry}")
+        return removed
+
+
+def _crash_point(where: str) -> None:
+    # Lets the crash tests kill a publishing process at a precise step (ADAPTERS_MTL_CRASH_AT=staged|visible).
+    if os.environ.get("ADAPTERS_MTL_CRASH_AT") == where:
+        os._exit(17)
