@@ -333,7 +333,7 @@ class AdapterRegistry:
             if not versions:
                 raise RegistryError(f"every version of {name!r} is damaged: {sorted(problems.values())}")
             version = versions[-1]
-        elif tag.isdigit():
+        elif tag.isascii() and tag.isdigit():
             version = int(tag)
         else:
             aliases = self.catalog.aliases(name)
@@ -437,14 +437,26 @@ class AdapterRegistry:
 
     def remove(self, ref: str) -> None:
         """Remove one version (``name@v``), hidden in one step, then deleted; aliases to it are dropped.
-        Its number is never given out again."""
-        rec = self.resolve(ref)
+        Its number is never given out again. A damaged version can be removed too (by number)."""
+        try:
+            rec = self.resolve(ref)
+            name, version = rec.name, rec.version
+        except RegistryError:
+            m = _REF.match(ref) if isinstance(ref, str) else None
+            damaged = (
+                self.catalog.problems(m["name"])
+                if m and (m["tag"] or "").isascii() and (m["tag"] or "").isdigit()
+                else {}
+            )
+            if not m or (m["name"], int(m["tag"] or 0)) not in damaged:
+                raise
+            name, version = m["name"], int(m["tag"])
         try:
             with self.store.lock():
-                self.store.remove(rec.name, rec.version)
-                current = self.store.aliases_or_empty(rec.name)
-                if any(v == rec.version for v in current.values()):
-                    self.store.write_aliases(rec.name, {a: v for a, v in current.items() if v != rec.version})
+                self.store.remove(name, version)
+                current = self.store.aliases_or_empty(name)
+                if any(v == version for v in current.values()):
+                    self.store.write_aliases(name, {a: v for a, v in current.items() if v != version})
         except StoreError as e:
             raise RegistryError(str(e)) from e
-        self._sync([rec.name])
+        self._sync([name])
