@@ -461,3 +461,77 @@ def test_rebuild_remove_alias_and_publish_race_without_losing_anything(tmp_path,
     assert set(reg.verify().values()) == {"ok"} and reg.problems() == {}
     on_disk = {f"a@{p.name}" for p in (root / "adapters" / "a").iterdir() if p.name.isdigit()}
     assert {r.ref for r in reg.list()} == on_disk <= set(published)
+
+
+# ----------------------------------------------------------------------------------------- many machines
+_S3_PUBLISHER = r"""
+import sys, warnings
+warnings.simplefilter("ignore")
+from adapters_mtl.registry import AdapterRegistry
+reg = AdapterRegistry(sys.argv[1], catalog=sys.argv[2])  # each "machine" has its own catalog
+for _ in range(int(sys.argv[4])):
+    print(reg.publish(sys.argv[3]), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    pytest.importorskip("s3fs")
+    server = pytest.importorskip("moto.server")
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    srv = server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    srv.start()
+    host, port = srv.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    import s3fs
+
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir("bucket")
+    yield endpoint
+    srv.stop()
+
+
+def test_two_machines_publishing_one_name_on_s3_never_collide(tmp_path, model, base, s3_endpoint, monkeypatch):
+    """A real S3 API (moto's server, through s3fs): version numbers are claimed with If-None-Match."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    url = "s3://bucket/team-registry"
+    folder = save_adapter(model, "a", tmp_path / "a")
+    env = dict(os.environ, AWS_ENDPOINT_URL=s3_endpoint)
+    machines = [
+        subprocess.Popen([sys.executable, "-c", _S3_PUBLISHER, url, str(tmp_path / f"m{i}.sqlite"), str(folder), "4"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        for i in range(3)
+    ]
+    refs = []
+    for proc in machines:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        refs += out.split()
+    assert sorted(refs, key=lambda r: int(r.split("@")[1])) == [f"a@{v}" for v in range(1, 13)]
+    reg = AdapterRegistry(url, catalog=tmp_path / "reader.sqlite")
+    assert [r.ref for r in reg.list()] == [f"a@{v}" for v in range(1, 13)]
+    assert set(reg.verify().values()) == {"ok"}
+    reg.remove("a@12")
+    assert reg.publish(folder, aliases=["prod"]) == "a@13"  # never reused, on S3 too
+    fresh = AdapterModel(copy.deepcopy(base)).eval()
+    assert reg.load(fresh, "a@prod") == "a"
+    inputs = batch(2, 5)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs, adapters="a").row_logits[0], fresh(**inputs, adapters="a").row_logits[0])
+
+
+def test_a_store_without_conditional_create_refuses_to_publish_unless_single_writer(tmp_path, model):
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class PlainStore(MemoryFileSystem):  # stands for any fsspec store with no create-if-absent
+        protocol = "plainstore"
+
+    fsspec.register_implementation("plainstore", PlainStore, clobber=True)
+    reg = AdapterRegistry("plainstore://reg", catalog=tmp_path / "c.sqlite")
+    with pytest.raises(RegistryError, match="no conditional create.*single_writer=True"):
+        reg.publish(model, adapter="a")
+    assert reg.list() == []
+    single = AdapterRegistry("plainstore://reg", catalog=tmp_path / "c.sqlite", single_writer=True)
+    assert single.publish(model, adapter="a") == "a@1" and single.verify() == {"a@1": "ok"}

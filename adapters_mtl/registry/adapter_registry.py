@@ -77,6 +77,8 @@ class AdapterRegistry:
             file under the user cache keyed by the URL).
         single_writer: allow publishing to a store that has no conditional create (you guarantee one
             writing process); local folders, S3 and ``memory://`` need no such promise.
+        storage_options: fsspec options of the store (credentials, ``client_kwargs``); S3 also reads
+            the usual ``AWS_*`` environment variables (``AWS_ENDPOINT_URL`` for MinIO and the like).
 
     Guarantees (tested): a published version is complete and loadable or not visible at all; version
     numbers are never reused; a damaged version or alias file is reported by name and every other adapter
@@ -90,9 +92,10 @@ class AdapterRegistry:
         catalog: str | os.PathLike | None = None,
         *,
         single_writer: bool = False,
+        storage_options: dict | None = None,
     ) -> None:
         self.url = str(root or default_root())
-        self.store = Store(self.url, single_writer=single_writer)
+        self.store = Store(self.url, single_writer=single_writer, storage_options=storage_options)
         self.fs, self.root, self.local = self.store.fs, self.store.root, self.store.local
         if catalog is None:
             if self.local:

@@ -63,11 +63,12 @@ class Store:
         url: a local folder or an fsspec URL.
         single_writer: allow publishing on a store without conditional create (you guarantee that one
             process writes at a time).
+        storage_options: passed to fsspec (e.g. ``{"client_kwargs": {"endpoint_url": ...}}`` for S3).
     """
 
-    def __init__(self, url: str, *, single_writer: bool = False) -> None:
+    def __init__(self, url: str, *, single_writer: bool = False, storage_options: dict | None = None) -> None:
         self.url = url
-        self.fs, root = fsspec.core.url_to_fs(url)
+        self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         self.root = root.rstrip("/") or "/"
         protocols = _protocols(self.fs)
         self.local = "file" in protocols or "local" in protocols
