@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import tiny
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -23,10 +22,16 @@ from adapters_mtl import AdapterModel, HeadConfig, LoraConfig
 from adapters_mtl.io import AdapterFileError, load_adapter, save_adapter
 from adapters_mtl.registry import AdapterRegistry, RegistryError
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+FUZZ = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
 # JSON values of every shape, small
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=12),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=12,
 )
@@ -36,7 +41,9 @@ JSON = st.recursive(
 def setup(tmp_path_factory):
     base = tiny("bert", seed=4)
     model = AdapterModel(copy.deepcopy(base)).eval()
-    model.add_adapter("a", LoraConfig(r=2, targets=("query", "value"), init="random"), head=HeadConfig(num_labels=3))
+    model.add_adapter(
+        "a", LoraConfig(r=2, targets=("query", "value"), init="random"), head=HeadConfig(num_labels=3)
+    )
     root = tmp_path_factory.mktemp("fuzz")
     folder = save_adapter(model, "a", root / "good")
     fresh = AdapterModel(copy.deepcopy(base))
