@@ -492,33 +492,42 @@ def s3_endpoint():
     srv.stop()
 
 
-def test_two_machines_publishing_one_name_on_s3_never_collide(tmp_path, model, base, s3_endpoint, monkeypatch):
+def test_two_machines_publishing_one_name_on_s3_never_collide(
+    tmp_path, model, base, s3_endpoint, monkeypatch
+):
     """A real S3 API (moto's server, through s3fs): version numbers are claimed with If-None-Match."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     url = "s3://bucket/team-registry"
     folder = save_adapter(model, "a", tmp_path / "a")
     env = dict(os.environ, AWS_ENDPOINT_URL=s3_endpoint)
     machines = [
-        subprocess.Popen([sys.executable, "-c", _S3_PUBLISHER, url, str(tmp_path / f"m{i}.sqlite"), str(folder), "4"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
-        for i in range(3)
+        subprocess.Popen(
+            [sys.executable, "-c", _S3_PUBLISHER, url, str(tmp_path / f"m{i}.sqlite"), str(folder), "4"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )  # fmt: skip
+        for i in range(2)
     ]
     refs = []
     for proc in machines:
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
         refs += out.split()
-    assert sorted(refs, key=lambda r: int(r.split("@")[1])) == [f"a@{v}" for v in range(1, 13)]
+    assert sorted(refs, key=lambda r: int(r.split("@")[1])) == [f"a@{v}" for v in range(1, 9)]
     reg = AdapterRegistry(url, catalog=tmp_path / "reader.sqlite")
-    assert [r.ref for r in reg.list()] == [f"a@{v}" for v in range(1, 13)]
+    assert [r.ref for r in reg.list()] == [f"a@{v}" for v in range(1, 9)]
     assert set(reg.verify().values()) == {"ok"}
-    reg.remove("a@12")
-    assert reg.publish(folder, aliases=["prod"]) == "a@13"  # never reused, on S3 too
+    reg.remove("a@8")
+    assert reg.publish(folder, aliases=["prod"]) == "a@9"  # never reused, on S3 too
     fresh = AdapterModel(copy.deepcopy(base)).eval()
     assert reg.load(fresh, "a@prod") == "a"
     inputs = batch(2, 5)
     with torch.no_grad():
-        assert torch.equal(model(**inputs, adapters="a").row_logits[0], fresh(**inputs, adapters="a").row_logits[0])
+        assert torch.equal(
+            model(**inputs, adapters="a").row_logits[0], fresh(**inputs, adapters="a").row_logits[0]
+        )
 
 
 def test_a_store_without_conditional_create_refuses_to_publish_unless_single_writer(tmp_path, model):
@@ -535,3 +544,26 @@ def test_a_store_without_conditional_create_refuses_to_publish_unless_single_wri
     assert reg.list() == []
     single = AdapterRegistry("plainstore://reg", catalog=tmp_path / "c.sqlite", single_writer=True)
     assert single.publish(model, adapter="a") == "a@1" and single.verify() == {"a@1": "ok"}
+
+
+def test_cli_names_damaged_versions_and_keeps_serving_the_rest(tmp_path, model, capsys):
+    from adapters_mtl.cli import main
+
+    root = tmp_path / "reg"
+    reg = AdapterRegistry(root)
+    reg.publish(model, adapter="a")
+    reg.publish(model, adapter="b")
+    (root / "adapters" / "b" / "1" / "adapter_card.json").write_text("[]")
+    assert main(["registry", "--root", str(root), "rebuild"]) == 0
+    capsys.readouterr()
+    assert main(["registry", "--root", str(root), "--json", "rebuild"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["versions"] == 1 and "JSON list" in out["problems"]["b@1"]
+    assert main(["registry", "--root", str(root), "list"]) == 0
+    captured = capsys.readouterr()
+    assert "a@1" in captured.out and "b@1 skipped" in captured.err and "adapter_card.json" in captured.err
+    assert main(["registry", "--root", str(root), "show", "b@1"]) == 2
+    assert "b@1 is damaged" in capsys.readouterr().err
+    assert main(["registry", "--root", str(root), "verify"]) == 1
+    assert main(["registry", "--root", str(root), "remove", "b@1"]) == 0
+    assert main(["registry", "--root", str(root), "verify"]) == 0

@@ -438,9 +438,10 @@ class AdapterRegistry:
         folder = Path(rec.path) if self.local else self.fetch(rec.ref)
         return load_adapter(model, folder, name=name or rec.name)
 
-    def remove(self, ref: str) -> None:
+    def remove(self, ref: str) -> str:
         """Remove one version (``name@v``), hidden in one step, then deleted; aliases to it are dropped.
-        Its number is never given out again. A damaged version can be removed too (by number)."""
+        Its number is never given out again. A damaged version can be removed too (by number).
+        Returns the removed ``name@version``."""
         try:
             rec = self.resolve(ref)
             name, version = rec.name, rec.version
@@ -463,3 +464,4 @@ class AdapterRegistry:
         except StoreError as e:
             raise RegistryError(str(e)) from e
         self._sync([name])
+        return f"{name}@{version}"
