@@ -9,6 +9,7 @@ keeps the catalog in step with the files, and resolves ``name@version|alias`` re
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -45,18 +46,11 @@ def default_root() -> str:
 
 
 @dataclass(frozen=True)
-class AdapterRecord:
-    """One published adapter version, as the catalog knows it (``path``: its folder in this store)."""
+class AdapterRecord(Row):
+    """One published adapter version, as the catalog knows it (``relpath``: its folder relative to the
+    registry root; ``path``: that folder in this store)."""
 
-    name: str
-    version: int
-    task: str
-    methods: tuple[str, ...]
-    base_model: str | None
-    base_fingerprint: str | None
-    tags: tuple[str, ...]
-    created: str
-    path: str
+    path: str = ""
 
     @property
     def ref(self) -> str:
@@ -355,8 +349,7 @@ class AdapterRegistry:
         return self._record(rows[version])
 
     def _record(self, row: Row) -> AdapterRecord:
-        return AdapterRecord(row.name, row.version, row.task, row.methods, row.base_model, row.base_fingerprint,
-                             row.tags, row.created, self.store.path(row.relpath))  # fmt: skip
+        return AdapterRecord(**dataclasses.asdict(row), path=self.store.path(row.relpath))
 
     def list(
         self,
