@@ -51,6 +51,19 @@ class AdapterModel(nn.Module):
         >>> model.add_adapter("news", LoraConfig(r=8), head=HeadConfig(num_labels=5))
         >>> model.add_adapter("tone", PrefixConfig(num_virtual_tokens=8), head=HeadConfig(num_labels=3))
         >>> out = model(**batch, adapters=["news", "tone", None])
+
+    Threads: one model serves concurrent calls. Each call's routing (``forward(adapters=...)``,
+    ``generate(adapters=...)``, :meth:`routed`, :meth:`using`) is held per thread, so concurrent
+    forward/generate calls with different adapters in different threads are safe and each gets exactly
+    what it gets alone. Plain calls read the process-wide default (:meth:`activate`) once, at the start
+    of the call, so an ``activate`` in another thread switches the next calls, never half of one in
+    progress (except with :meth:`static_routing`, whose slot tensor is written in place: switch between
+    calls there). Not synchronised: ``activate``, ``add_adapter``, ``remove_adapter``, ``merge`` and
+    ``unmerge`` from several threads at once (serialise them); removing, merging or unmerging an
+    adapter while a call or a ``using()`` block of another thread routes to it (that call then computes
+    with whatever the slot holds); merging into the base while calls run (it changes the weights every
+    call shares). Attaching or detaching *other* adapters while calls run is supported (the Composer's
+    LRU does it, with per-adapter in-use counts to keep the adapters of calls in flight attached).
     """
 
     def __init__(self, base: nn.Module) -> None:
@@ -61,11 +74,12 @@ class AdapterModel(nn.Module):
         self.heads = nn.ModuleDict()
         # Methods that keep their parameters outside the base model (prefix) register them here.
         self.method_modules = nn.ModuleDict()
+        # the routing every bank reads: the process-wide default (with the active adapter's name) and
+        # each thread's call in progress (see adapters_mtl.routing)
         self._route = Route()
         self._methods: dict[str, Any] = {}
         self._configs: dict[str, tuple[LoraConfig | PrefixConfig, ...]] = {}
         self._head_configs: dict[str, HeadConfig] = {}
-        self._active: str | None = None
         self._default_selection: dict[str, dict[str, object]] = {}
         self._static: StaticSlot | None = None
 
@@ -81,9 +95,15 @@ class AdapterModel(nn.Module):
         return list(self._configs)
 
     @property
-    def active_adapter(self) -> str | None:
-        """The adapter plain calls use (see :meth:`activate`); None = the bare base."""
-        return self._active
+    def active_adapter(self) -> str | tuple[str, ...] | None:
+        """The adapter this thread's plain calls use: the one of an enclosing :meth:`using` block, else the
+        process-wide default (:meth:`activate`); None = the bare base."""
+        return self._route.get("name")
+
+    @property
+    def default_adapter(self) -> str | tuple[str, ...] | None:
+        """The process-wide default set by :meth:`activate` (what plain calls use outside ``using`` blocks)."""
+        return self._route.default["name"]
 
     @property
     def hidden_size(self) -> int:
@@ -161,7 +181,7 @@ class AdapterModel(nn.Module):
             del self.heads[name]
             del self._head_configs[name]
         self._default_selection.pop(name, None)
-        if self._active == name:
+        if self.default_adapter == name:
             self.activate(None)
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
@@ -193,25 +213,63 @@ class AdapterModel(nn.Module):
     def activate(self, name: str | None) -> None:
         """Use ``name`` (or the bare base for ``None``) for plain calls without ``adapters=``.
 
-        O(1): one dict look-up and one assignment per method, whatever the number of adapters/layers.
+        O(1): one dict look-up and one assignment, whatever the number of adapters/layers. The default is
+        shared by every thread; for one thread only, use :meth:`using`.
+
+        Raises:
+            TypeError: ``name`` is not a name, None or a tuple of names. KeyError: unknown adapter.
+            RuntimeError: another adapter is merged into the base weights.
         """
+        name = self._usable(name, "activate()")
+        merged = self.merged_adapter
+        sel = self._selection_of(name)
+        if self._static is not None and "lora" in sel and isinstance(sel["lora"], int):
+            # compiled models: the slot is data, written in place (0 while merged: the weights hold it)
+            self._static.slot.fill_(0 if merged is not None else sel["lora"])
+            sel = {**sel, "lora": self._static}
+        self._route.set_default({**sel, "name": name})
+
+    @contextmanager
+    def using(self, name: str | tuple[str, ...] | None) -> Iterator[str | tuple[str, ...] | None]:
+        """Use ``name`` for this thread's plain calls inside the block (``model(**batch)``, ``generate``,
+        even ``model.base(...)``); other threads and the process-wide default (:meth:`activate`) are left
+        alone, and this thread's previous adapter comes back after the block. O(1) like ``activate``.
+
+        Per thread: an asyncio task must not hold the block across an ``await`` (pass ``adapters=``). With
+        :meth:`static_routing` the block takes the ordinary (int slot) path, so a compiled model may
+        compile once more for it.
+
+        Raises:
+            TypeError / KeyError / RuntimeError: as :meth:`activate`.
+        """
+        name = self._usable(name, "using()")
+        with self._route.scoped({**self._selection_of(name), "name": name}):
+            yield name
+
+    def _usable(self, name, where: str):
+        """``name`` checked as the adapter of plain calls (a name, None or a stack; known; not hidden by a
+        merged adapter), 1-tuples unwrapped."""
+        problem = _entry_problem(name)
+        if problem is not None:
+            raise TypeError(
+                f"{where} takes an adapter name, None (the bare base) or a tuple of names (a stack); {problem}"
+            )
         name = _stack(name)
         self._check_known([name])
         merged = self.merged_adapter
         if merged is not None and name != merged:
             raise RuntimeError(
-                f"adapter {merged!r} is merged into the base weights; unmerge() before activating {name!r}"
+                f"adapter {merged!r} is merged into the base weights; unmerge() before using {name!r}"
             )
+        return name
+
+    def _selection_of(self, name) -> dict[str, object]:
+        """Every method's selection for one entry on all rows (cached: what makes switching O(1))."""
         sel = self._default_selection.get(name)
         if sel is None:
             sel = self._selections([name])
             self._default_selection[name] = sel
-        if self._static is not None and "lora" in sel and isinstance(sel["lora"], int):
-            # compiled models: the slot is data, written in place (0 while merged: the weights hold it)
-            self._static.slot.fill_(0 if merged is not None else sel["lora"])
-            sel = {**sel, "lora": self._static}
-        self._route.set_default(sel)
-        self._active = name
+        return sel
 
     def static_routing(self, enabled: bool = True) -> None:
         """Make :meth:`activate` write the active LoRA slot into a tensor instead of a Python int, so a
@@ -219,7 +277,7 @@ class AdapterModel(nn.Module):
         rank; inference only: training falls back to the ordinary path). Stacks and prefix adapters keep
         the ordinary path."""
         self._static = StaticSlot(next(self.base.parameters()).device) if enabled else None
-        self.activate(self._active)
+        self.activate(self.default_adapter)
 
     # ------------------------------------------------------------------ merging
     @property
@@ -283,16 +341,27 @@ class AdapterModel(nn.Module):
             The base model's output when no routed adapter has a head, else an :class:`AdapterOutput`.
         """
         B = _batch_size(args, kwargs)
-        names = [self._active] * B if adapters is _UNSET else None
-        if names is None:
-            with self.routed(adapters, B) as names:
-                return self._call(names, args, kwargs)
-        return self._call(names, args, kwargs)
+        if adapters is _UNSET:
+            # one snapshot of this thread's routing for the whole call: an activate() in another thread
+            # switches later calls, not the layers of this one still to run
+            with self._route.scoped({}) as call:
+                name = call["name"]
+                merged = self.merged_adapter
+                if merged is not None and name != merged:  # a using() block opened before a merge
+                    raise RuntimeError(
+                        f"adapter {merged!r} is merged into the base weights, so {name!r} cannot be used "
+                        "on top of it; unmerge() first"
+                    )
+                return self._call([name] * B, args, kwargs)
+        with self.routed(adapters, B) as names:
+            return self._call(names, args, kwargs)
 
     def generate(self, *args: Any, adapters: Any = _UNSET, **kwargs: Any):
-        """``base.generate`` with per-row adapters (LoRA and prefix, KV cache included)."""
+        """``base.generate`` with per-row adapters (LoRA and prefix, KV cache included); ``adapters`` as in
+        :meth:`forward` (omitted: this thread's active adapter, fixed for the whole generation)."""
         if adapters is _UNSET:
-            return self.base.generate(*args, **kwargs)
+            with self._route.scoped({}):
+                return self.base.generate(*args, **kwargs)
         with self.routed(adapters, _batch_size(args, kwargs)):
             return self.base.generate(*args, **kwargs)
 
@@ -338,7 +407,8 @@ class AdapterModel(nn.Module):
             checkpointing = getattr(self.base, "is_gradient_checkpointing", False)
         if not checkpointing:
             return
-        routed = any(n != self._active for n in names)
+        # the process default: a using() block's adapter is gone when backward recomputes
+        routed = any(n != self.default_adapter for n in names)
         prefix = any("prefix" in self._method_names(n) for n in _flat(names))
         if routed or prefix:
             raise NotImplementedError(
@@ -391,27 +461,27 @@ class AdapterModel(nn.Module):
             )
 
     def _row_names(self, adapters: Any, batch_size: int) -> list[str | None]:
-        if adapters is None or isinstance(
-            adapters, (str, tuple)
-        ):  # one entry (a tuple is a stack) for all rows
-            names = [_stack(adapters)] * batch_size
+        if adapters is None or isinstance(adapters, (str, tuple)):  # one entry for all rows (tuple: a stack)
+            problem = _entry_problem(adapters)
+            problems = [f"adapters: {problem}"] if problem else []
+            rows = [adapters] * batch_size
         elif isinstance(adapters, list):
-            names = list(adapters)
-            if len(names) != batch_size:
+            rows = adapters
+            if len(rows) != batch_size:
                 raise ValueError(
-                    f"adapters has {len(names)} entries but the batch has {batch_size} rows: pass one adapter "
+                    f"adapters has {len(rows)} entries but the batch has {batch_size} rows: pass one adapter "
                     "name (or None for the bare base model) per row, or a single name for every row."
                 )
-            names = [_stack(a) for a in names]
-            bad = [(i, a) for i, a in enumerate(names) if a is not None and not isinstance(a, (str, tuple))]
-            if bad:
-                raise TypeError(
-                    f"adapters entries must be a name, None, or a tuple of names (a stack); got {bad[:5]} (row, value)"
-                )
+            problems = [f"row {i}: {p}" for i, a in enumerate(rows) if (p := _entry_problem(a)) is not None]
         else:
+            problems = [f"adapters: {_entry_problem(adapters)}"]
+        if problems:
             raise TypeError(
-                f"adapters must be a name, a tuple (stack), None, or a list with one entry per row; got {type(adapters).__name__}"
+                f"{'; '.join(problems[:8])}{' ...' if len(problems) > 8 else ''}. Expected an adapter name, "
+                "None, or a tuple of names (a stack, e.g. ('shared', 'news')) for every row, or a list with "
+                f"one of those per row; attached adapters: {self.adapter_names or 'none'}."
             )
+        names = [_stack(a) for a in rows]
         self._check_known(names)
         merged = self.merged_adapter
         if merged is not None and any(n != merged for n in names):
@@ -422,14 +492,32 @@ class AdapterModel(nn.Module):
         return names
 
     def extra_repr(self) -> str:
-        return f"adapters={self.adapter_names}, active={self._active!r}, merged={self.merged_adapter!r}"
+        return (
+            f"adapters={self.adapter_names}, active={self.default_adapter!r}, merged={self.merged_adapter!r}"
+        )
+
+
+def _entry_problem(entry) -> str | None:
+    """What is wrong with one routing entry (None when it is a name, None, or a non-empty tuple of names).
+
+    A list is never a stack: at the top level of ``adapters=`` a list means one entry per row, so
+    accepting lists as stacks too would make ``adapters=["shared", "news"]`` silently mean two rows.
+    """
+    if entry is None or isinstance(entry, str):
+        return None
+    if isinstance(entry, tuple):
+        if entry and all(isinstance(n, str) for n in entry):
+            return None
+        return f"got tuple {entry!r} (a stack is a non-empty tuple of adapter names)"
+    if isinstance(entry, list):
+        return f"got list {entry!r} (a stack is a tuple, not a list: {tuple(entry)!r})"
+    return f"got {type(entry).__name__} {entry!r}"
 
 
 def _stack(entry):
-    """Normalise a routing entry: a list/tuple of names is a stack (a 1-element stack is just the name)."""
-    if isinstance(entry, (list, tuple)):
-        entry = tuple(entry)
-        return entry[0] if len(entry) == 1 else entry
+    """Normalise a checked routing entry: a 1-element stack is just the name."""
+    if isinstance(entry, tuple) and len(entry) == 1:
+        return entry[0]
     return entry
 
 

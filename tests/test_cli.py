@@ -42,7 +42,7 @@ def test_registry_cli_round_trip(tmp_path, capsys):
     code, out, _ = run(capsys, *root, "--json", "remove", "news@1")
     assert json.loads(out) == {"removed": "news@1"}
     code, out, _ = run(capsys, *root, "--json", "rebuild")
-    assert json.loads(out) == {"versions": 1}
+    assert json.loads(out) == {"versions": 1, "problems": {}}
 
     code, _, err = run(capsys, *root, "show", "news@9")
     assert code == 2 and "has no version 9; versions: [2]" in err

@@ -37,7 +37,7 @@ class LoraLayer(nn.Module):
 
     Args:
         base_layer: the frozen ``nn.Linear`` or ``Conv1D``.
-        route: the owning model's shared :class:`Route`.
+        route: the owning model's :class:`Route` (each call's routing is read from it per thread).
     """
 
     def __init__(self, base_layer: nn.Module, route: Route) -> None:
@@ -217,7 +217,7 @@ class LoraLayer(nn.Module):
         out = self.base_layer(x, *args, **kwargs)
         if not self.slots:
             return out
-        sel = self._route.lora
+        sel = self._route.get("lora")  # this thread's call, else the default: one read per layer call
         if isinstance(sel, StaticSlot):
             if not (self.training and torch.is_grad_enabled()):
                 return out + self._static_delta(x, sel.slot)
@@ -243,7 +243,7 @@ class LoraLayer(nn.Module):
                 f"adapter {self.merged!r} is merged into the base weights, so rows routed to other adapters "
                 "would see its update too; call unmerge() before routing a mixed batch."
             )
-        if self._route.strategy == "group":
+        if self._route.strategy == "group":  # a setting of the model, not of the call
             return self._grouped(x, rows).to(dtype)
         return self._gathered(x, rows).to(dtype)
 
@@ -252,6 +252,7 @@ class LoraLayer(nn.Module):
         on which adapter it is (slot 0 and freed slots are zeros)."""
         A = self.stack_A.index_select(0, slot)[0].to(x.dtype)  # (R, in)
         B = self.stack_B.index_select(0, slot)[0].to(x.dtype)  # (out, R)
+        A, B = _common_rank(A, B, 0, 1)
         return F.linear(F.linear(x, A), B) * self.scales.index_select(0, slot).to(x.dtype)
 
     def _gathered(self, x: torch.Tensor, rows: MixedRows) -> torch.Tensor:
@@ -284,6 +285,7 @@ class LoraLayer(nn.Module):
             A_rows = self.stack_A[rows.idx]  # (B, R, in)
             B_rows = self.stack_B[rows.idx]  # (B, out, R)
             s_rows = self.scales[rows.idx]
+            A_rows, B_rows = _common_rank(A_rows, B_rows, 1, 2)
         if self.training:
             # each row gets its own adapter's LoRA dropout (inverted dropout, as F.dropout)
             p_u = [self.dropout.get(self._name_of_slot.get(s, ""), 0.0) for s in rows.uniq]
@@ -480,6 +482,20 @@ class LoraMethod:
     def merged(self) -> str | None:
         """The merged adapter (tracked here: read on every routed call, so no walk over layers)."""
         return self._merged
+
+
+def _common_rank(
+    A: torch.Tensor, B: torch.Tensor, a_dim: int, b_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B cut to their common rank (a no-op unless another thread resized the stacks between the two
+    reads: attaching an adapter of a larger rank replaces stack_A, stack_B and scales one after the other).
+    Both the old and the new stacks hold every existing slot's values, with zeros past its rank, so the
+    common rank gives exactly the same update."""
+    ra, rb = A.shape[a_dim], B.shape[b_dim]
+    if ra == rb:  # always, but for that moment: no extra ops on the hot path
+        return A, B
+    r = min(ra, rb)
+    return A.narrow(a_dim, 0, r), B.narrow(b_dim, 0, r)
 
 
 def _excluded(path: str) -> bool:

@@ -30,7 +30,7 @@ def _register_attention() -> None:
 
     def routed_sdpa(module, query, key, value, attention_mask, **kwargs):
         bank = getattr(module, "_amtl_bank", None)
-        ctx = bank._ctx if bank is not None else None
+        ctx = bank.current_context() if bank is not None else None
         if ctx is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         B, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
@@ -144,7 +144,7 @@ class PrefixBank(nn.Module):
 
     Args:
         model: the wrapped transformers model (switched to the routed SDPA attention).
-        route: the owning model's shared :class:`Route`.
+        route: the owning model's :class:`Route` (each call's routing is read from it per thread).
     """
 
     def __init__(self, model: nn.Module, route: Route) -> None:
@@ -166,7 +166,8 @@ class PrefixBank(nn.Module):
             object.__setattr__(module, "_amtl_bank", self)
             object.__setattr__(module, "_amtl_layer", i)
         self.prefixes = nn.ModuleDict()
-        self._ctx: PrefixContext | None = None  # the prefixes of the backbone call in progress
+        # The prefixes of the backbone call in progress live in route.local (per thread), never here:
+        # concurrent calls in other threads build their own.
         self._cache: tuple | None = None  # (key, context) of the last no-grad call
         self._generation = 0  # bumped by add/remove: a re-added name never hits an old cache entry
         object.__setattr__(self, "_route", route)
@@ -236,14 +237,21 @@ class PrefixBank(nn.Module):
         used = sorted({n for n in names if n is not None})
         versions = tuple(p._version for n in used for p in self.prefixes[n].parameters())
         key = (tuple(names), device, dtype, self._generation, versions)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.context(names, device, dtype))
-        return self._cache[1]
+        cache = self._cache  # read once: another thread may replace it meanwhile (a tuple, swapped whole)
+        if cache is None or cache[0] != key:
+            cache = (key, self.context(names, device, dtype))
+            self._cache = cache
+        return cache[1]
+
+    def current_context(self) -> PrefixContext | None:
+        """The prefixes of this thread's backbone call in progress (None outside one, or without prefixes)."""
+        return self._route.local.prefix_context
 
     def _begin_call(self, module, args, kwargs):
-        sel = self._route.prefix
+        sel = self._route.get("prefix")
+        local = self._route.local
         if not isinstance(sel, PrefixSelection):
-            self._ctx = None
+            local.prefix_context = None
             return None
         # GPT-2 passes input_ids positionally (None when the caller gave inputs_embeds)
         candidates = (kwargs.get("input_ids"), args[0] if args else None, kwargs.get("inputs_embeds"))
@@ -253,10 +261,11 @@ class PrefixBank(nn.Module):
         B, T = ref.shape[0], ref.shape[1]
         names = sel.rows(B)
         w = next(self._model.parameters())
-        self._ctx = self._cached_context(names, ref.device, w.dtype)
+        ctx = self._cached_context(names, ref.device, w.dtype)
+        local.prefix_context = ctx
         # Real tokens sit after the prefix (positions start at P, as in PEFT); done on the backbone so
         # that generate(), which calls the base model directly, gets it too.
-        off = self._ctx.lengths
+        off = ctx.lengths
         pos = kwargs.get("position_ids")
         if pos is None:
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -266,7 +275,7 @@ class PrefixBank(nn.Module):
         return args, kwargs
 
     def _end_call(self, module, args, output):
-        self._ctx = None
+        self._route.local.prefix_context = None
 
 
 @dataclass(frozen=True)
