@@ -33,15 +33,26 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train one adapter per task from a recipe (works under `accelerate launch` unchanged)",
-        description="Train the tasks of a YAML recipe (see recipes/), evaluate on their test splits, write "
-        "metrics.csv, training.png and results.json to train.output_dir and publish each adapter to the "
-        "registry. A recipe with a compose: section composes published adapters for its (unseen) task instead.",
+        description="Train the tasks of a YAML recipe (see recipes/), evaluate on their test splits and "
+        "publish each adapter to the registry. The whole recipe (values, data splits, output folder, registry) "
+        "is checked before the model loads. In train.output_dir: metrics.csv grows every step, checkpoint/ "
+        "every train.checkpoint_every steps and on Ctrl-C (exit 130), adapters/<task> is saved before the test "
+        "evaluation (publish it later with `adapters-mtl registry publish FOLDER`), then results.json and "
+        "training.png. A recipe with a compose: section composes published adapters for its (unseen) task instead. "
+        "Exit codes: 0 done, 1 trained but publishing failed, 2 bad recipe or input, 130 interrupted.",
     )
     train.add_argument("recipe", help="path of a recipe YAML file")
     train.add_argument(
         "overrides", nargs="*", help="key=value overrides, e.g. train.steps=5 tasks.0.limit=100"
     )
     train.add_argument("--json", action="store_true", help="print the results as JSON")
+    again = train.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in train.output_dir from its checkpoint (same recipe and overrides)")  # fmt: skip
+    again.add_argument("--overwrite", action="store_true",
+                       help="start again when train.output_dir already holds a run (replaces its metrics.csv, "
+                       "checkpoint/, adapters/ and results.json); without --resume or --overwrite such a run is kept "
+                       "and training refuses to start")  # fmt: skip
     _serving_parsers(sub)
     _registry_parser(sub)
     return parser
@@ -137,7 +148,11 @@ def _registry_parser(sub) -> None:
     show = cmds.add_parser("show", help="show one version's card, tags and aliases")
     show.add_argument("ref", help="NAME, NAME@VERSION or NAME@ALIAS")
     pub = cmds.add_parser(
-        "publish", help="publish an adapter folder (saved by adapters_mtl) as the next version"
+        "publish",
+        help="publish an adapter folder (saved by adapters_mtl) as the next version",
+        description="Check the folder exactly as loading does (card, checksums, configs, tensor headers, "
+        "dtypes, finite values, head) and copy only the files its card lists (never a symlink, a path "
+        "outside the folder or a pickle) as the next version; version numbers are never reused.",
     )
     pub.add_argument("folder")
     pub.add_argument("--name", help="registry name (default: the card's name)")
@@ -158,14 +173,20 @@ def _registry_parser(sub) -> None:
     alias = cmds.add_parser("alias", help="point ALIAS of a name at a version")
     alias.add_argument("ref")
     alias.add_argument("alias")
-    rm = cmds.add_parser("remove", help="remove one version (NAME@VERSION)")
+    rm = cmds.add_parser(
+        "remove", help="remove one version (NAME@VERSION; damaged ones too); its number is never reused"
+    )
     rm.add_argument("ref")
     ver = cmds.add_parser(
-        "verify", help="check the checksums of one version or of everything (exit 1 on a failure)"
+        "verify",
+        help="check one version or everything as loading would: checksums, configs, tensor headers, "
+        "dtypes, values, heads; damaged versions and alias files are listed (exit 1 on a failure)",
     )
     ver.add_argument("ref", nargs="?")
     cmds.add_parser(
-        "rebuild", help="recreate the catalog from the files and drop leftovers of killed writers"
+        "rebuild",
+        help="re-index the catalog from the files in one transaction (damaged versions are reported, "
+        "not fatal) and drop leftovers of killed writers",
     )
 
 
@@ -206,6 +227,8 @@ def _registry(args) -> int:
                 ["ref", "task", "methods", "base", "tags", "aliases", "published"],
                 rows,
             )
+            for ref, problem in reg.problems().items():  # damaged files: named, never fatal
+                print(f"adapters-mtl: warning: {ref} skipped: {problem}", file=sys.stderr)
             return 0
         out = [r.__dict__ | {"ref": r.ref} for r in records]
     elif cmd == "show":
@@ -232,9 +255,7 @@ def _registry(args) -> int:
         reg.set_alias(args.ref, args.alias)
         out = {"ref": reg.resolve(f"{args.ref.split('@')[0]}@{args.alias}").ref, "alias": args.alias}
     elif cmd == "remove":
-        ref = reg.resolve(args.ref).ref
-        reg.remove(ref)
-        out = {"removed": ref}
+        out = {"removed": reg.remove(args.ref)}
     elif cmd == "verify":
         out = reg.verify(args.ref)
         if not args.json:
@@ -243,15 +264,33 @@ def _registry(args) -> int:
             print(json.dumps(out, indent=2))
         return 0 if all(v == "ok" for v in out.values()) else 1
     else:  # rebuild
-        out = {"versions": reg.rebuild()}
+        out = {"versions": reg.rebuild(), "problems": reg.problems()}
     print(json.dumps(out, indent=2, default=str) if args.json else _plain(out))
     return 0
 
 
 def _train(args) -> int:
-    from .recipe import load_recipe, run_recipe
+    import shlex
 
-    summary = run_recipe(load_recipe(args.recipe, args.overrides))
+    from .recipe import RunError, load_recipe, run_recipe
+    from .training import TrainingInterrupted
+
+    try:
+        summary = run_recipe(
+            load_recipe(args.recipe, args.overrides), resume=args.resume, overwrite=args.overwrite
+        )
+    except TrainingInterrupted as e:
+        again = shlex.join(["adapters-mtl", "train", args.recipe, *args.overrides, "--resume"])
+        print(f"adapters-mtl: interrupted after step {e.step}; checkpoint in {e.checkpoint}; continue with: {again}",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        print("adapters-mtl: interrupted; the last checkpoint (if any) is in train.output_dir/checkpoint",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    except RunError as e:
+        print(f"adapters-mtl: error: {e}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(summary, indent=2, default=float))
         return 0

@@ -36,7 +36,9 @@ def validate_name(name: object, what: str = "adapter name") -> str:
 
 
 def _positive_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
 
 
 def _as_tuple(value: Any) -> tuple | str | None:

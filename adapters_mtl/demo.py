@@ -58,7 +58,7 @@ def run_demo(seed: int = 0, steps: int = 240, out: str | Path = "runs/demo") -> 
     console.rule("[bold]adapters_mtl demo: two LoRA adapters on the real MiniLM-L6 (CPU)")
     console.print(f"1/3 training [bold]news[/] (BBC topics) and [bold]tone[/] (tweet sentiment) jointly, "
                   f"{steps} steps of 16 rows, each row routed to its task's adapter")  # fmt: skip
-    summary = run_recipe(_recipe(steps, out, seed))
+    summary = run_recipe(_recipe(steps, out, seed), overwrite=True)  # a demo reruns into the same folder
     registry = AdapterRegistry(out / "registry")
 
     console.print("2/3 serving the published adapters with the composer")

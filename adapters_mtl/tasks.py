@@ -62,19 +62,57 @@ class TaskSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        validate_name(self.name, "task name")
         problems = []
+        try:
+            validate_name(self.name, "task name")
+        except ValueError as e:
+            problems.append(str(e))
+        if not isinstance(self.source, str) or not self.source:
+            problems.append(f"source must be a packaged corpus {sorted(PACKAGED)}, a file path or hub:<name>, got {self.source!r}")  # fmt: skip
         if self.kind not in KINDS:
             problems.append(f"kind {self.kind!r} is not supported; expected one of {KINDS}")
-        if len(self.splits) != 3 or abs(sum(self.splits) - 1) > 1e-6 or min(self.splits) < 0:
-            problems.append(f"splits must be 3 non-negative fractions summing to 1, got {self.splits!r}")
-        if self.limit is not None and (not isinstance(self.limit, int) or self.limit <= 0):
+        for key in ("text_column", "label_column"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                problems.append(f"{key} must be a column name, got {getattr(self, key)!r}")
+        if self.label_names is not None and (
+            isinstance(self.label_names, str)
+            or not isinstance(self.label_names, (list, tuple))
+            or not self.label_names
+            or not all(isinstance(n, str) and n for n in self.label_names)
+            or len(set(self.label_names)) != len(self.label_names)
+        ):
+            problems.append(f"label_names must be a list of distinct label names (strings) or null, got {self.label_names!r}")  # fmt: skip
+        if self.limit is not None and (not _is_int(self.limit) or self.limit <= 0):
             problems.append(f"limit must be a positive int or null, got {self.limit!r}")
+        if (
+            not isinstance(self.splits, (list, tuple))
+            or len(self.splits) != 3
+            or not all(_is_int(f) or isinstance(f, float) for f in self.splits)
+            or abs(sum(self.splits) - 1) > 1e-6
+            or min(self.splits) < 0
+        ):
+            problems.append(f"splits must be 3 non-negative fractions (train, validation, test) summing to 1, got {self.splits!r}")  # fmt: skip
+        if not _is_int(self.max_length) or self.max_length <= 0:
+            problems.append(f"max_length must be a positive int (tokens per example, e.g. 128), got {self.max_length!r}")  # fmt: skip
+        if not _is_int(self.seed) or self.seed < 0:
+            problems.append(f"seed must be an int >= 0, got {self.seed!r}")
+        if not isinstance(self.extra, dict):
+            problems.append(f"extra must be a mapping of source/kind options, got {self.extra!r}")
         if problems:
             raise ValueError(f"invalid task {self.name!r}: " + "; ".join(problems))
         object.__setattr__(self, "splits", tuple(self.splits))
         if self.label_names is not None:
             object.__setattr__(self, "label_names", tuple(self.label_names))
+
+    def split_sizes(self, n: int) -> dict[str, int]:
+        """Rows of each split when the source has ``n`` rows (after ``limit``), as :func:`load_task` cuts them."""
+        n = min(n, self.limit) if self.limit is not None else n
+        n_train, n_val = int(round(self.splits[0] * n)), int(round(self.splits[1] * n))
+        return {"train": n_train, "validation": n_val, "test": n - n_train - n_val}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -282,8 +320,8 @@ def load_task(spec: TaskSpec) -> TaskData:
     order = rng.permutation(len(texts))
     if spec.limit is not None:
         order = order[: spec.limit]
-    n = len(order)
-    n_train, n_val = int(round(spec.splits[0] * n)), int(round(spec.splits[1] * n))
+    sizes = spec.split_sizes(len(order))
+    n_train, n_val = sizes["train"], sizes["validation"]
     cuts = {
         "train": order[:n_train],
         "validation": order[n_train : n_train + n_val],

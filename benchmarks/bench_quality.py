@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         overrides = [f"train.steps={args.steps}", f"train.eval_every={max(args.steps // 4, 1)}",
                      f"train.output_dir={out}", f"registry={registry}", *extra]  # fmt: skip
         t0 = time.perf_counter()
-        summary = run_recipe(load_recipe(RECIPES / recipe, overrides))
+        summary = run_recipe(load_recipe(RECIPES / recipe, overrides), overwrite=True)
         seconds = time.perf_counter() - t0
         sizes = {}
         for task, ref in summary["published"].items():
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.only or "compose" in args.only:
         compose_recipe = load_recipe(RECIPES / "compose_unseen.yaml", [f"registry={registry}", f"compose.output_dir={args.out / 'compose'}",
                                      "compose.adapters=[news@1, tone@1]"])  # fmt: skip
-        compose = run_recipe(compose_recipe)
+        compose = run_recipe(compose_recipe, overwrite=True)
         print(f"  compose: {compose['test_accuracy']} weights {compose['weights']}", flush=True)
     print(f"\n## Test results, real MiniLM-L6, {args.steps} steps of 16 rows per training run\n")
     print(

@@ -103,8 +103,9 @@ class Store:
     def require_writable(self, what: str) -> None:
         if not self.writable:
             raise StoreError(
-                f"cannot {what}: the registry root {self.url} is read-only (reading, listing, verifying and "
-                "loading still work). Publish to a writable copy, or ask whoever owns the root."
+                f"cannot {what}: the registry root {self.url} is read-only or cannot be created (reading, "
+                "listing, verifying and loading still work). Publish to a writable folder, or ask whoever "
+                "owns the root."
             )
 
     # ------------------------------------------------------------------ the lock

@@ -5,7 +5,7 @@
 
 from .adversarial import TaskDiscriminator, grad_reverse
 from .sampler import TaskSampler
-from .trainer import MultiTaskTrainer, TrainConfig
+from .trainer import MultiTaskTrainer, TrainConfig, TrainingInterrupted
 from .weighting import DWA, GradNorm, PCGrad, StaticWeighting, UncertaintyWeighting, make_weighting
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "TaskDiscriminator",
     "TaskSampler",
     "TrainConfig",
+    "TrainingInterrupted",
     "UncertaintyWeighting",
     "grad_reverse",
     "make_weighting",

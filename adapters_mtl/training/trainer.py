@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,16 +21,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..config import validate_name
 from ..heads import pool
 from ..merging import add_cat, lora_factors
 from ..model import AdapterModel
 from ..tasks import TaskData
 from .adversarial import TaskDiscriminator
 from .objectives import collate, evaluate_task, task_loss
-from .sampler import TaskSampler
-from .weighting import make_weighting
+from .run_state import MetricsLog, StopRequest, TrainingInterrupted, crash_point
+from .sampler import STRATEGIES, TaskSampler
+from .weighting import WEIGHTINGS, make_weighting
 
-__all__ = ["MultiTaskTrainer", "TrainConfig"]
+__all__ = ["MultiTaskTrainer", "TrainConfig", "TrainingInterrupted"]
 
 
 @dataclass
@@ -85,9 +89,15 @@ class TrainConfig:
         problems = []
         if self.batching not in ("per_task", "mixed"):
             problems.append(f"batching must be 'per_task' or 'mixed', got {self.batching!r}")
+        if self.sampling not in STRATEGIES:
+            problems.append(f"sampling must be one of {STRATEGIES}, got {self.sampling!r}")
+        if self.weighting not in WEIGHTINGS:
+            problems.append(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.sharing not in ("none", "shared", "adversarial"):
             problems.append(f"sharing must be 'none', 'shared' or 'adversarial', got {self.sharing!r}")
-        if self.unfreeze not in ("none", "all"):
+        if not isinstance(self.unfreeze, str):
+            problems.append(f"unfreeze must be 'none', 'all' or a regular expression, got {self.unfreeze!r}")
+        elif self.unfreeze not in ("none", "all"):
             try:
                 re.compile(self.unfreeze)
             except re.error as e:
@@ -96,13 +106,54 @@ class TrainConfig:
                 )
         if isinstance(self.log_with, str):
             self.log_with = [self.log_with]
+        if not isinstance(self.log_with, list) or not all(isinstance(t, str) for t in self.log_with):
+            problems.append(
+                f"log_with must be a list of tracker names (e.g. [tensorboard]), got {self.log_with!r}"
+            )
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             problems.append(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         for key in ("steps", "batch_size", "grad_accum", "eval_every"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
+            if not _is_int(getattr(self, key)) or getattr(self, key) <= 0:
                 problems.append(f"{key} must be a positive int, got {getattr(self, key)!r}")
+        for key, what in (("patience", "evaluations without improvement before a task stops"),
+                          ("checkpoint_every", "steps between checkpoints")):  # fmt: skip
+            value = getattr(self, key)
+            if value is not None and (not _is_int(value) or value <= 0):
+                problems.append(f"{key} must be a positive int ({what}) or null (never), got {value!r}")
+        if not _is_int(self.seed) or self.seed < 0:
+            problems.append(f"seed must be an int >= 0, got {self.seed!r}")
+        for key in ("lr", "base_lr", "temperature"):
+            if not _is_number(getattr(self, key)) or getattr(self, key) <= 0:
+                problems.append(f"{key} must be a positive number (e.g. 0.001), got {getattr(self, key)!r}")
+        for key in ("weight_decay", "adversarial_weight", "grl_lambda"):
+            if not _is_number(getattr(self, key)) or getattr(self, key) < 0:
+                problems.append(f"{key} must be a number >= 0, got {getattr(self, key)!r}")
+        if self.max_grad_norm is not None and (not _is_number(self.max_grad_norm) or self.max_grad_norm <= 0):
+            problems.append(
+                f"max_grad_norm must be a positive number or null (no clipping), got {self.max_grad_norm!r}"
+            )
+        if not isinstance(self.weighting_args, dict):
+            problems.append(
+                f"weighting_args must be a mapping of keyword arguments, got {self.weighting_args!r}"
+            )
+        if isinstance(self.output_dir, os.PathLike):
+            self.output_dir = os.fspath(self.output_dir)
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            problems.append(f"output_dir must be a folder path, got {self.output_dir!r}")
+        try:
+            validate_name(self.shared_adapter, "shared_adapter name")
+        except ValueError as e:
+            problems.append(str(e))
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class _Stream:
@@ -342,55 +393,84 @@ class MultiTaskTrainer:
     def train(self, resume_from: str | Path | None = None, stop_after: int | None = None) -> dict:
         """Run until ``config.steps`` (or ``stop_after`` steps in this call, for tests); returns the results.
 
+        ``output_dir/metrics.csv`` grows a row per step as training goes. The first Ctrl-C (SIGINT) ends the
+        run after the current step with a checkpoint in ``output_dir/checkpoint``.
+
         Raises:
             FileNotFoundError: ``resume_from`` has no checkpoint.
+            TrainingInterrupted: stopped by SIGINT; the checkpoint to resume from is written.
         """
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         from tqdm.auto import tqdm
 
+        log = MetricsLog(Path(self.cfg.output_dir) / "metrics.csv") if self.acc.is_main_process else None
+        if log is not None:
+            log.reset(self.history)
         bar = tqdm(
             total=self.cfg.steps, initial=self.step, disable=not self.acc.is_local_main_process, desc="train"
         )
         done_now = 0
         self.model.train()
-        while self.step < self.cfg.steps and (stop_after is None or done_now < stop_after):
-            for _ in range(self.cfg.grad_accum):
-                with self.acc.accumulate(self.model):
-                    batch, labels, rows = self._batch()
-                    losses = self._losses(batch, labels, rows)
-                    weights = self._backward(losses)
-                    if self.acc.sync_gradients and self.cfg.max_grad_norm:
-                        self.acc.clip_grad_norm_(list(self.named.values()), self.cfg.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            done_now += 1
-            row = {
-                "step": self.step,
-                **{f"loss/{t}": v.item() for t, v in losses.items()},
-                **{f"weight/{t}": w for t, w in weights.items()},
-            }
-            self.history.append(row)
-            bar.update(1)
-            bar.set_postfix({t: f"{v.item():.3f}" for t, v in losses.items()})
-            if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
-                self._evaluate_all()
-                if hasattr(self.weighting, "end_epoch"):
-                    self.weighting.end_epoch()
-                self.model.train()
-            if self.cfg.log_with:
-                self.acc.log({k: v for k, v in self.history[-1].items() if k != "step"}, step=self.step)
-            if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
-                if self.acc.is_main_process:  # one writer
-                    self.save_checkpoint(Path(self.cfg.output_dir) / "checkpoint")
-                self.acc.wait_for_everyone()
+        with StopRequest() as stop:
+            while self.step < self.cfg.steps and (stop_after is None or done_now < stop_after):
+                self._train_step(bar)
+                done_now += 1
+                if log is not None:
+                    log.append(self.history[-1], self.history)
+                checkpoint = Path(self.cfg.output_dir) / "checkpoint"
+                if self._stop_requested(stop):
+                    if self.acc.is_main_process:
+                        self.save_checkpoint(checkpoint)
+                    self.acc.wait_for_everyone()
+                    bar.close()
+                    raise TrainingInterrupted(checkpoint, self.step)
+                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                    if self.acc.is_main_process:  # one writer
+                        self.save_checkpoint(checkpoint)
+                    self.acc.wait_for_everyone()
+                crash_point(self.step)
         bar.close()
         if self.step >= self.cfg.steps:
             self._restore_best()
             if self.cfg.log_with:
                 self.acc.end_training()
         return {"step": self.step, "best": self.best, "history": self.history}
+
+    def _train_step(self, bar) -> None:
+        """One optimiser step (``grad_accum`` batches), its history row and, when due, the evaluation."""
+        for _ in range(self.cfg.grad_accum):
+            with self.acc.accumulate(self.model):
+                batch, labels, rows = self._batch()
+                losses = self._losses(batch, labels, rows)
+                weights = self._backward(losses)
+                if self.acc.sync_gradients and self.cfg.max_grad_norm:
+                    self.acc.clip_grad_norm_(list(self.named.values()), self.cfg.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        row = {
+            "step": self.step,
+            **{f"loss/{t}": v.item() for t, v in losses.items()},
+            **{f"weight/{t}": w for t, w in weights.items()},
+        }
+        self.history.append(row)
+        bar.update(1)
+        bar.set_postfix({t: f"{v.item():.3f}" for t, v in losses.items()})
+        if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
+            self._evaluate_all()
+            if hasattr(self.weighting, "end_epoch"):
+                self.weighting.end_epoch()
+            self.model.train()
+        if self.cfg.log_with:
+            self.acc.log({k: v for k, v in self.history[-1].items() if k != "step"}, step=self.step)
+
+    def _stop_requested(self, stop: StopRequest) -> bool:
+        if self.acc.num_processes == 1:
+            return stop.requested
+        # every rank must stop after the same step, or the next step's collectives would hang
+        flag = torch.tensor([float(stop.requested)], device=self.acc.device)
+        return bool(self.acc.reduce(flag, reduction="sum").item() > 0)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(
@@ -462,7 +542,10 @@ class MultiTaskTrainer:
         """Trainable tensors, optimiser moments, weighting state and RNG (safetensors) + counters, samplers
         and history (JSON)."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        # written beside the target, then swapped in: a run killed while saving keeps its last checkpoint
+        tmp = path.with_name(f".{path.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         names = {id(p): k for k, p in self.named.items()}
         tensors = {f"param::{k}": p.detach().contiguous().clone() for k, p in self.named.items()}
         for p, state in self._optimizer_state().items():
@@ -478,11 +561,17 @@ class MultiTaskTrainer:
             tensors.update(
                 {f"weighting::{k}": v.detach().clone() for k, v in self.weighting.state_dict().items()}
             )
-        save_file(tensors, str(path / "state.safetensors"))
+        save_file(tensors, str(tmp / "state.safetensors"))
         meta = {"step": self.step, "sampler": self.sampler.state_dict(), "streams": {t: s.state() for t, s in self.streams.items()},
                 "best": self.best, "history": self.history, "config": asdict(self.cfg),
                 "weighting": _plain_state(self.weighting)}  # fmt: skip
-        (path / "trainer_state.json").write_text(json.dumps(meta, default=float))
+        (tmp / "trainer_state.json").write_text(json.dumps(meta, default=float))
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
         return path
 
     def _optimizer_state(self) -> dict:
@@ -492,6 +581,9 @@ class MultiTaskTrainer:
     @torch.no_grad()
     def load_checkpoint(self, path: str | Path) -> None:
         path = Path(path)
+        old = path.with_name(f".{path.name}.old")
+        if not (path / "trainer_state.json").is_file() and (old / "trainer_state.json").is_file():
+            path = old  # killed between the two renames of save_checkpoint: the previous one is whole
         if not (path / "trainer_state.json").is_file():
             raise FileNotFoundError(
                 f"no checkpoint in {path} (expected trainer_state.json and state.safetensors)"

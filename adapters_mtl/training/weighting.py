@@ -25,7 +25,15 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-__all__ = ["DWA", "GradNorm", "PCGrad", "StaticWeighting", "UncertaintyWeighting", "make_weighting"]
+__all__ = [
+    "DWA",
+    "WEIGHTINGS",
+    "GradNorm",
+    "PCGrad",
+    "StaticWeighting",
+    "UncertaintyWeighting",
+    "make_weighting",
+]
 
 Losses = Mapping[str, torch.Tensor]
 
@@ -228,15 +236,12 @@ class PCGrad:
         return {t: 1.0 for t in names}
 
 
+WEIGHTINGS = ("static", "uncertainty", "dwa", "gradnorm", "pcgrad")
+
+
 def make_weighting(name: str, tasks: Sequence[str], **kwargs):
-    """Build a weighting method by name: static | uncertainty | dwa | gradnorm | pcgrad."""
-    table = {
-        "static": StaticWeighting,
-        "uncertainty": UncertaintyWeighting,
-        "dwa": DWA,
-        "gradnorm": GradNorm,
-        "pcgrad": PCGrad,
-    }
+    """Build a weighting method by name: one of :data:`WEIGHTINGS`."""
+    table = dict(zip(WEIGHTINGS, (StaticWeighting, UncertaintyWeighting, DWA, GradNorm, PCGrad), strict=True))
     if name not in table:
         raise ValueError(f"unknown loss weighting {name!r}; expected one of {sorted(table)}")
     return table[name](tasks, **kwargs)
