@@ -314,29 +314,48 @@ def safe_relpath(rel: object, where: str) -> str:
 def read_regular(root: Path, rel: str, limit: int | None = None) -> bytes | None:
     """Bytes of ``root/rel`` if it is a regular file reached without any symlink, else None if missing.
 
+    Each component is opened relative to its parent's descriptor with ``O_NOFOLLOW``, and the file is
+    checked on the descriptor it is read from, so swapping a file or a folder on the way for a link, a
+    FIFO or a device between a check and the read cannot redirect or hang it.
+
     Raises:
-        AdapterFileError: a symlink (of the file or of a folder on the way) or a non-regular file.
+        AdapterFileError: a symlink (of the file or of a folder on the way), a non-regular file, or a file
+            over ``limit`` bytes.
     """
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    parts = rel.split("/")
+    fds: list[int] = []
     path = root
-    for part in rel.split("/"):
-        path = path / part
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return None
-        if stat.S_ISLNK(st.st_mode):
-            raise AdapterFileError(
-                f"{path} is a symbolic link; adapter folders are read without following links (a link can "
-                "point anywhere on the machine). Copy the real file into the folder."
-            )
-    if not stat.S_ISREG(st.st_mode):
-        raise AdapterFileError(f"{path} is not a regular file")
-    if limit is not None and st.st_size > limit:
-        raise AdapterFileError(f"{path} is {st.st_size} bytes; expected at most {limit}")
-    # O_NOFOLLOW: the final component cannot have been swapped for a link since the check
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    with os.fdopen(fd, "rb") as fh:
-        return fh.read()
+    try:
+        fds.append(os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)))
+        for i, part in enumerate(parts):
+            path = path / part
+            last = i == len(parts) - 1
+            flags = os.O_RDONLY | nofollow | (os.O_NONBLOCK if last else getattr(os, "O_DIRECTORY", 0))
+            try:
+                fds.append(os.open(part, flags, dir_fd=fds[-1]))
+            except FileNotFoundError:
+                return None
+            except OSError as e:  # ELOOP: a link; ENOTDIR: a link or a file where a folder should be
+                if stat.S_ISLNK(os.lstat(path).st_mode):
+                    raise AdapterFileError(
+                        f"{path} is a symbolic link; adapter folders are read without following links (a "
+                        "link can point anywhere on the machine). Copy the real file into the folder."
+                    ) from e
+                raise AdapterFileError(f"{path} cannot be read as part of an adapter folder ({e})") from e
+        st = os.fstat(fds[-1])
+        if not stat.S_ISREG(st.st_mode):
+            raise AdapterFileError(f"{path} is not a regular file")
+        if limit is not None and st.st_size > limit:
+            raise AdapterFileError(f"{path} is {st.st_size} bytes; expected at most {limit}")
+        with os.fdopen(os.dup(fds[-1]), "rb") as fh:
+            data = fh.read() if limit is None else fh.read(limit + 1)
+        if limit is not None and len(data) > limit:  # grew since the fstat
+            raise AdapterFileError(f"{path} is over {limit} bytes")
+        return data
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def parse_card(data: bytes, where: str) -> dict:
@@ -347,7 +366,7 @@ def parse_card(data: bytes, where: str) -> dict:
     """
     try:
         card = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a number of 4300+ digits
         raise AdapterFileError(f"{where} is not a readable adapter card ({e}); the folder is damaged") from e
     if not isinstance(card, dict):
         raise AdapterFileError(
@@ -464,7 +483,7 @@ class AdapterFolder:
     parts: list[AdapterPart]
     head: HeadConfig | None
     head_tensors: dict[str, torch.Tensor]
-    files: dict[str, bytes]  # every file read, by relative path, exactly as checked
+    files: dict[str, bytes]  # every file read (the card included), by relative path, exactly as checked
 
     @property
     def name(self) -> str | None:
@@ -474,7 +493,7 @@ class AdapterFolder:
 def _parse_peft_config(data: bytes, where: str):
     try:
         raw = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a number of 4300+ digits
         raise AdapterFileError(f"{where} is not valid JSON ({e})") from e
     if not isinstance(raw, dict):
         raise AdapterFileError(f"{where} holds a JSON {type(raw).__name__}; a PEFT config is a JSON object")
@@ -563,9 +582,11 @@ def read_adapter(directory) -> AdapterFolder:
         raise AdapterFileError(
             f"{root} is not a folder: expected an adapter folder (adapter_config.json + {WEIGHTS})"
         )
-    card = read_card(root)
+    card_bytes = read_regular(root, CARD, limit=MAX_CARD_BYTES)
+    card = None if card_bytes is None else parse_card(card_bytes, str(root / CARD))
     if card is not None:
         files = verify_files(root, card)
+        files[CARD] = card_bytes  # the exact bytes checked: publishing copies these, never a re-read
         missing = [f for f in (CONFIG, WEIGHTS) if f not in files]
         if missing:
             raise AdapterFileError(

@@ -82,7 +82,7 @@ def _check(setup, folder: Path) -> None:
         fresh.remove_adapter("x")
     try:
         registry.publish(folder, name="fuzzed")
-    except (AdapterFileError, ValueError) as e:
+    except AdapterFileError as e:
         assert str(e)
         assert [r.ref for r in registry.list()] == before
     shutil.rmtree(folder.parent, ignore_errors=True)

@@ -168,6 +168,11 @@ def _broken_folders(tmp_path: Path, model) -> dict[str, Path]:
     make("card_bad_name", lambda f: _edit_card(f, name="../../x"))
     make("card_files_not_dict", lambda f: None)
     (out["card_files_not_dict"] / "adapter_card.json").write_text(json.dumps({"files": ["a"]}))
+    make("card_huge_number", lambda f: _edit_card(f, metrics={"acc": 1}))
+    card = (out["card_huge_number"] / "adapter_card.json").read_text()
+    (out["card_huge_number"] / "adapter_card.json").write_text(
+        card.replace('"acc": 1', '"acc": 1' + "0" * 5000)
+    )
     return out
 
 
@@ -175,7 +180,7 @@ def test_publish_refuses_every_folder_that_loading_refuses(tmp_path, base, model
     reg = AdapterRegistry(tmp_path / "reg")
     fresh = AdapterModel(copy.deepcopy(base))
     folders = _broken_folders(tmp_path, model)
-    assert len(folders) == 17
+    assert len(folders) == 18
     for key, folder in folders.items():
         with pytest.raises(AdapterFileError) as published:
             reg.publish(folder)
@@ -246,6 +251,18 @@ def test_garbage_catalog_is_set_aside_and_rebuilt_from_the_files(tmp_path, model
     with pytest.warns(UserWarning, match="was damaged"):
         assert again.resolve("a").version == 1
     assert again.rebuild() == 1
+    # damage past the header (a valid first page, garbage in the data pages)
+    for i in range(40):
+        again.publish(model, adapter="b", tags=[f"t{i}"])
+    with sqlite3.connect(again.catalog_path) as con:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(Path(again.catalog_path).read_bytes())
+    page = int.from_bytes(data[16:18], "big")
+    data[2 * page :] = os.urandom(len(data) - 2 * page)
+    Path(again.catalog_path).write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="was damaged"):
+        third = AdapterRegistry(root)
+    assert len(third.list()) == 41 and third.problems() == {}
 
 
 def test_catalogs_of_an_older_layout_are_reindexed(tmp_path, model):
@@ -300,6 +317,9 @@ def test_version_numbers_are_never_reused(tmp_path, model):
             reg.publish(model, adapter="a")
         reg.remove("a@3")
         assert reg.publish(model, adapter="b", name="a") == "a@4"
+        for ref in ("a", "a@latest", "a@prod"):  # removal takes an explicit number, never a moving name
+            with pytest.raises(RegistryError, match="by number"):
+                reg.remove(ref)
         reg.remove("a@4")
         reg.remove("a@2")
         assert reg.publish(model, adapter="a") == "a@5"
@@ -323,10 +343,13 @@ out = {"warned": any("in-memory index" in str(w.message) for w in caught),
        "list": [r.ref for r in reg.list()], "show": reg.show("a@prod")["ref"], "verify": reg.verify()}
 model = AdapterModel(tiny("bert", seed=4))
 out["load"] = reg.load(model, "a")
-try:
-    reg.publish(model, adapter="a")
-except RegistryError as e:
-    out["publish"] = str(e)
+for key, write in (("publish", lambda: reg.publish(model, adapter="a")),
+                   ("alias", lambda: reg.set_alias("a@1", "x")), ("remove", lambda: reg.remove("b@1")),
+                   ("rebuild", reg.rebuild)):
+    try:
+        out[key] = write()
+    except RegistryError as e:
+        out[key] = str(e)
 print(json.dumps(out))
 """
 
@@ -364,7 +387,8 @@ def test_a_read_only_root_serves_list_show_verify_and_load(tmp_path, model):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["list"] == ["a@1", "b@1"] and out["show"] == "a@1" and out["load"] == "a"
     assert out["verify"] == {"a@1": "ok", "b@1": "ok"}
-    assert "read-only" in out["publish"] and out["warned"]
+    assert all("read-only" in out[k] for k in ("publish", "alias", "remove")) and out["warned"]
+    assert out["rebuild"] == 2  # re-indexes in memory
 
 
 # ----------------------------------------------------------------------------------------- 7. disk full
@@ -632,3 +656,39 @@ def test_processes_publishing_removing_aliasing_rebuilding_and_killed_lose_nothi
     versions = sorted(int(r.split("@")[1]) for r in published | listed)
     assert len(versions) == len(set(versions))  # no number handed out twice
     assert reg.resolve("a@prod").version in {r.version for r in reg.list()}
+
+
+def test_legacy_registries_without_claims_never_reuse_a_removed_number(tmp_path, model):
+    root = tmp_path / "reg"
+    reg = AdapterRegistry(root)
+    reg.publish(model, adapter="a")
+    reg.publish(model, adapter="a")
+    shutil.rmtree(root / "adapters" / "a" / ".claims")  # as written before claims existed
+    reg.remove("a@2")
+    assert reg.publish(model, adapter="a") == "a@3"
+
+
+def test_publish_copies_the_bytes_it_checked_not_a_later_edit(tmp_path, model, monkeypatch):
+    import adapters_mtl.registry.adapter_registry as registry_module
+
+    folder = save_adapter(model, "a", tmp_path / "a")
+    real = registry_module.read_adapter
+
+    def checked_then_swapped(path):
+        out = real(path)
+        _edit_card(Path(path), files={"extra.json": "0" * 64})  # swapped right after the check
+        return out
+
+    monkeypatch.setattr(registry_module, "read_adapter", checked_then_swapped)
+    reg = AdapterRegistry(tmp_path / "reg")
+    assert reg.publish(folder) == "a@1"
+    monkeypatch.undo()
+    assert reg.verify() == {"a@1": "ok"}
+
+
+def test_a_registry_object_sees_what_other_writers_published(tmp_path, model):
+    reader, writer = AdapterRegistry(tmp_path / "reg"), AdapterRegistry(tmp_path / "reg")
+    assert reader.list() == []
+    writer.publish(model, adapter="a")
+    AdapterRegistry(tmp_path / "reg", catalog=tmp_path / "elsewhere.sqlite").publish(model, adapter="a")
+    assert [r.ref for r in reader.list()] == ["a@1", "a@2"] == [r.ref for r in writer.list()]

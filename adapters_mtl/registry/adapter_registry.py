@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -95,13 +96,18 @@ class AdapterRegistry:
             if self.local:
                 catalog = os.path.join(self.root, "catalog.sqlite")
             else:
-                key = re.sub(r"[^A-Za-z0-9]+", "_", self.url)[-100:]
+                readable = re.sub(r"[^A-Za-z0-9]+", "_", self.url)[-60:]
+                digest = hashlib.sha256(self.url.encode()).hexdigest()[:16]  # one catalog per exact URL
                 catalog = os.path.join(
-                    os.path.expanduser("~"), ".cache", "adapters_mtl", "catalogs", key + ".sqlite"
+                    os.path.expanduser("~"),
+                    ".cache",
+                    "adapters_mtl",
+                    "catalogs",
+                    f"{readable}-{digest}.sqlite",
                 )
         self.catalog_path = str(catalog)
         self.catalog = Catalog(self.catalog_path)
-        self._sync_all()
+        self._catalog_retry(self._sync_all)
 
     # ------------------------------------------------------------------ files -> catalog
     def _index_name(self, name: str, known: dict[int, Row]) -> NameIndex:
@@ -236,11 +242,13 @@ class AdapterRegistry:
                 )
             name = validate_name(name or folder.name)
             self._warn_ignored(folder.root, set(folder.files))
-            files = dict(folder.files)
-            files[CARD] = read_regular(folder.root, CARD)
-            readme = read_regular(folder.root, "README.md") if (folder.root / "README.md").is_file() else None
-            if readme is not None and len(readme) < (1 << 20):
-                files["README.md"] = readme  # text for people; never parsed
+            files = dict(folder.files)  # exactly the bytes read_adapter checked, the card included
+            try:
+                readme = read_regular(folder.root, "README.md", limit=1 << 20)
+            except AdapterFileError:
+                readme = None  # text for people, never parsed: a link or an odd file is just left out
+            if readme is not None:
+                files["README.md"] = readme
             published = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             files[REGISTRY_META] = json.dumps({"tags": list(tags), "published": published}).encode()
             try:
@@ -290,7 +298,8 @@ class AdapterRegistry:
             return fn()
         except sqlite3.OperationalError:
             raise
-        except sqlite3.DatabaseError:
+        except sqlite3.DatabaseError as e:
+            self.catalog.set_aside(e)
             self.catalog = Catalog(self.catalog_path)
             self._sync_all()
             return fn()
@@ -361,6 +370,7 @@ class AdapterRegistry:
     ) -> list[AdapterRecord]:
         """Every published, readable version matching all given filters, by name then version (damaged
         versions are left out: see :meth:`problems`)."""
+        self._catalog_retry(self._sync_all)  # other processes and machines may have written
         out = [self._record(r) for r in self._catalog_retry(self.catalog.rows)]
         return [
             r for r in out
@@ -404,7 +414,12 @@ class AdapterRegistry:
         report = {} if ref else dict(self.problems())
         for rec in records:
             try:
-                self.fetch(rec.ref)
+                if self.local:
+                    read_adapter(rec.path)
+                else:
+                    with tempfile.TemporaryDirectory(prefix="amtl-verify-") as tmp:
+                        self.fs.get(rec.path.rstrip("/") + "/", tmp, recursive=True)
+                        read_adapter(tmp)
                 report[rec.ref] = "ok"
             except (AdapterFileError, OSError, ValueError) as e:
                 report[rec.ref] = str(e)
@@ -432,22 +447,25 @@ class AdapterRegistry:
         return load_adapter(model, folder, name=name or rec.name)
 
     def remove(self, ref: str) -> str:
-        """Remove one version (``name@v``), hidden in one step, then deleted; aliases to it are dropped.
-        Its number is never given out again. A damaged version can be removed too (by number).
-        Returns the removed ``name@version``."""
-        try:
-            rec = self.resolve(ref)
-            name, version = rec.name, rec.version
-        except RegistryError:
-            m = _REF.match(ref) if isinstance(ref, str) else None
-            damaged = (
-                self.catalog.problems(m["name"])
-                if m and (m["tag"] or "").isascii() and (m["tag"] or "").isdigit()
-                else {}
+        """Remove one version, named by its number (``name@3``: never an alias or ``latest``, so a moved
+        alias cannot make it remove another version); hidden in one step, then deleted; aliases to it are
+        dropped. Its number is never given out again. Damaged versions can be removed too.
+        Returns the removed ``name@version``.
+
+        Raises:
+            RegistryError: not ``name@<number>``, an unknown version, or a read-only store.
+        """
+        m = _REF.match(ref) if isinstance(ref, str) else None
+        tag = (m["tag"] or "") if m else ""
+        if not (m and tag.isascii() and tag.isdigit()):
+            raise RegistryError(
+                f"remove takes one version by number, e.g. 'news@3'; got {ref!r} (resolve an alias first: "
+                "`adapters-mtl registry show NAME@ALIAS` names its version)"
             )
-            if not m or (m["name"], int(m["tag"] or 0)) not in damaged:
-                raise
-            name, version = m["name"], int(m["tag"])
+        name, version = validate_name(m["name"]), int(tag)
+        self._sync([name])
+        if (name, version) not in self.catalog.problems(name):
+            self.resolve(f"{name}@{version}")  # says what exists if it does not
         try:
             with self.store.lock():
                 self.store.remove(name, version)

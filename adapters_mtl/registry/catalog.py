@@ -14,6 +14,7 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -86,16 +87,23 @@ class Catalog:
         except sqlite3.OperationalError:
             raise
         except sqlite3.DatabaseError as e:  # "file is not a database", "disk image is malformed"
-            aside = f"{self.path}.corrupt-{int(time.time())}"
-            for suffix in ("", "-wal", "-shm", "-journal"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.replace(self.path + suffix, aside + suffix)
-            warnings.warn(
-                f"the registry catalog {self.path} was damaged ({e}); it was moved to {aside} and is rebuilt "
-                "from the adapter files (nothing is lost: the files are the truth)",
-                stacklevel=4,
-            )
+            self.set_aside(e)
             self._init(self._connect_file())
+
+    def set_aside(self, error: Exception) -> None:
+        """Move a damaged catalog file (and its WAL/journal) aside with a warning; the next open starts an
+        empty one, which the registry fills from the files. Nothing is lost: the files are the truth."""
+        if self.path is None or self.memory is not None:
+            raise error
+        aside = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.path + suffix, aside + suffix)
+        warnings.warn(
+            f"the registry catalog {self.path} was damaged ({error}); it was moved to {aside} and is rebuilt "
+            "from the adapter files (nothing is lost: the files are the truth)",
+            stacklevel=4,
+        )
 
     def _connect_file(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
@@ -107,6 +115,9 @@ class Catalog:
             if self.memory is None:
                 con.execute("PRAGMA journal_mode=WAL")
             (version,) = con.execute("PRAGMA user_version").fetchone()
+            (health,) = con.execute("PRAGMA quick_check").fetchone()  # damage past the header, too
+            if health != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {health}")
             con.execute("BEGIN IMMEDIATE")
             if version != SCHEMA_VERSION:  # an older index: drop it, it is rebuilt from the files
                 for table in ("adapters", "aliases", "problems"):

@@ -4,7 +4,7 @@ Layout (under the root, a local folder or any fsspec URL):
   adapters/<name>/<version>/      one adapter folder (see files in io.py) + registry.json (tags, publish time)
   adapters/<name>/aliases.json    {"prod": 2, ...}   ("latest" is implicit: the highest version)
   adapters/<name>/.claims/<v>     one empty file per version number ever handed out: numbers are never reused
-  staging/<uuid>/ (+ <uuid>.lock) local publishes in progress (never visible; the lock tells a live writer)
+  staging/<uuid>/                 local publishes in progress (never visible; flock'ed by a live writer)
   trash/<uuid>/                   local removals in progress (never visible)
 
 A version is visible once its folder holds ``adapter_card.json``. Locally the whole folder appears in one
@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +40,9 @@ _THREAD_LOCKS_GUARD = threading.Lock()
 # memory: one process by nature, "xb" under its own lock)
 _CONDITIONAL_CREATE = {"s3", "s3a", "memory"}
 REGISTRY_META = "registry.json"
+# a stage younger than this is never cleaned up: its writer may not have locked it yet (it does so
+# microseconds after creating it; anything older without a lock belongs to a dead writer)
+STAGE_GRACE_S = 60.0
 
 
 class StoreError(RuntimeError):
@@ -111,7 +116,9 @@ class Store:
     # ------------------------------------------------------------------ the lock
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Exclusive across threads; across processes too for local roots (``flock``)."""
+        """Exclusive across threads; across processes too for local roots (``flock``). Only writers take
+        it (StoreError on a read-only root)."""
+        self.require_writable("write")
         with _THREAD_LOCKS_GUARD:
             lock = _THREAD_LOCKS.setdefault(self.url, threading.Lock())
         with lock:
@@ -228,15 +235,22 @@ class Store:
                 return False
             return True
         self.fs.makedirs(self.path("adapters", name, ".claims"), exist_ok=True)
-        try:
-            self.fs.pipe_file(path, b"", mode="create")
-        except FileExistsError:
-            return False
-        except OSError as e:  # s3fs: 412 Precondition Failed
-            if "Precondition" in str(e) or getattr(e, "errno", None) == errno.EEXIST:
+        for attempt in range(8):
+            try:
+                self.fs.pipe_file(path, b"", mode="create")
+                return True
+            except FileExistsError:  # s3fs: 412 Precondition Failed
                 return False
-            raise
-        return True
+            except OSError as e:
+                if getattr(e, "errno", None) == errno.EEXIST:
+                    return False
+                # S3 answers 409 ConditionalRequestConflict (s3fs: EBUSY) to a create racing another on
+                # the same key: nobody has it yet, so ask again
+                if getattr(e, "errno", None) != errno.EBUSY or attempt == 7:
+                    raise
+                time.sleep(0.05 * 2**attempt)
+                self.refresh()
+        return False
 
     def publish(self, name: str, files: dict[str, bytes], aliases: tuple[str, ...] = ()) -> int:
         """Make ``files`` (relative path -> bytes, the card among them) the next version of ``name``.
@@ -257,19 +271,21 @@ class Store:
 
     def _publish_local(self, name: str, files: dict[str, bytes], aliases: tuple[str, ...]) -> int:
         import fcntl
+        import shutil
 
-        stage_id = uuid.uuid4().hex
-        stage = self.path("staging", stage_id)
-        os.makedirs(self.path("staging"), exist_ok=True)
-        # taken before the stage exists and held while this writer lives: rebuild() only removes stages
-        # whose lock it can take
-        live = open(self.path("staging", f"{stage_id}.lock"), "a+")  # noqa: SIM115 (closed in finally)
-        fcntl.flock(live, fcntl.LOCK_EX)
+        stage = self.path("staging", uuid.uuid4().hex)
+        os.makedirs(stage)
+        # the stage folder itself is flock'ed while this writer lives; rebuild() removes only stages it
+        # can lock and that are older than STAGE_GRACE_S (so not one created a moment ago, before its lock)
+        live = os.open(stage, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        alias_tmp = None
         try:
-            os.makedirs(stage)
+            fcntl.flock(live, fcntl.LOCK_EX)
+            if os.fstat(live).st_nlink == 0:
+                raise StoreError(f"{stage} was removed while starting to publish; publish again")
             for rel, data in files.items():
                 os.makedirs(os.path.dirname(f"{stage}/{rel}"), exist_ok=True)
-                with open(f"{stage}/{rel}", "wb") as fh:
+                with open(f"{stage}/{rel}", "xb") as fh:  # "x": never writes into a recreated folder
                     fh.write(data)
                     fh.flush()
                     os.fsync(fh.fileno())  # a full disk fails here, before anything is visible
@@ -283,15 +299,15 @@ class Store:
                 _crash_point("visible")
                 if alias_tmp is not None:
                     os.replace(alias_tmp, self.path("adapters", name, "aliases.json"))
+                    alias_tmp = None
         except BaseException:
-            import shutil
-
             shutil.rmtree(stage, ignore_errors=True)
+            if alias_tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(alias_tmp)
             raise
         finally:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path("staging", f"{stage_id}.lock"))
-            live.close()
+            os.close(live)
         return version
 
     def _stage_aliases(self, name: str, aliases: tuple[str, ...], version: int) -> str:
@@ -352,6 +368,8 @@ class Store:
     def remove(self, name: str, version: int) -> None:
         """Hide the version in one step, then delete its files (its number stays claimed)."""
         self.require_writable("remove")
+        # claimed first (registries written before claims existed have none): the number is never reused
+        self._claim(name, version)
         rel = self.version_rel(name, version)
         if self.local:
             trash = self.path("trash", uuid.uuid4().hex)
@@ -379,21 +397,22 @@ class Store:
         staging = self.path("staging")
         if os.path.isdir(staging):
             for entry in sorted(os.listdir(staging)):
-                if entry.endswith(".lock"):
-                    if not os.path.exists(os.path.join(staging, entry[: -len(".lock")])):
-                        with contextlib.suppress(OSError), open(os.path.join(staging, entry), "a+") as fh:
-                            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                            os.unlink(os.path.join(staging, entry))
-                    continue
-                lock_path = os.path.join(staging, f"{entry}.lock")
-                with open(lock_path, "a+") as fh:
+                path = os.path.join(staging, entry)
+                with contextlib.suppress(OSError):
+                    if time.time() - os.lstat(path).st_mtime < STAGE_GRACE_S:
+                        continue  # perhaps created a moment ago, before its writer locked it
+                    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
                     try:
-                        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        continue  # a live publish: leave it alone
-                    shutil.rmtree(os.path.join(staging, entry), ignore_errors=True)
-                    os.unlink(lock_path)
-                    removed.append(f"staging/{entry}")
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a live writer
+                        shutil.rmtree(path, ignore_errors=True)
+                        removed.append(f"staging/{entry}")
+                    finally:
+                        os.close(fd)
+        for tmp in glob.glob(self.path("adapters", "*", ".aliases.*.tmp")):
+            with contextlib.suppress(OSError):
+                if time.time() - os.lstat(tmp).st_mtime > STAGE_GRACE_S:
+                    os.unlink(tmp)  # an alias write killed before its rename
+                    removed.append(os.path.relpath(tmp, self.root))
         return removed
 
 
