@@ -87,7 +87,10 @@ def read_yaml(text: str, where: str = "recipe") -> Any:
     """
     if len(text) > MAX_BYTES or len(text.encode("utf-8", "replace")) > MAX_BYTES:
         raise RecipeError(f"{where} is {len(text.encode('utf-8', 'replace')):,} bytes; recipes are limited to {MAX_BYTES:,}")  # fmt: skip
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)  # its reader refuses control characters here already
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{where} is not valid YAML: {e}") from None
     try:
         node = loader.get_single_node()
         if node is None:

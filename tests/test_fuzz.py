@@ -174,3 +174,56 @@ def test_fuzzed_publish_names_and_aliases(setup, name, alias):
     else:
         assert registry.resolve(f"{name}@{alias}").ref == ref
         registry.remove(ref)
+
+
+# ----------------------------------------------------------------------------------------- recipes
+RECIPES = Path(__file__).parents[1] / "recipes"
+RECIPE_TEXT = (RECIPES / "joint_mtl.yaml").read_text()
+KEYS = ["base", "tasks", "tasks.0", "tasks.0.name", "tasks.0.max_length", "tasks.0.limit", "tasks.0.splits",
+        "tasks.1.label_column", "adapter", "adapter.r", "adapter.targets", "train", "train.lr", "train.steps",
+        "train.batch_size", "train.sampling", "train.weighting", "train.patience", "registry", "compose"]  # fmt: skip
+YAML_SCALARS = st.sampled_from(["1e-3", "-5", "0", "yes", "no", "~", "[]", "{}", "'7'", ".nan", "-.inf",
+                                "2026-11-29", "!!python/object:os.system", "*a", "&a 1", "0x1F", "1_000",
+                                "[0.9, 0.1, 0.0]", "{x: 1}", '"\\u0000"'])  # fmt: skip
+
+
+def _load_or_refuse(text: str, overrides: list[str]) -> None:
+    from adapters_mtl.recipe import RecipeError, load_recipe
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "r.yaml"
+        path.write_text(text)
+        try:
+            recipe = load_recipe(path, overrides)
+        except RecipeError as e:
+            assert str(e)
+        else:
+            assert isinstance(recipe, dict) and recipe["tasks"]
+
+
+@FUZZ
+@given(text=st.text(max_size=300))
+def test_fuzzed_recipe_text(text):
+    _load_or_refuse(text, [])
+
+
+@FUZZ
+@given(
+    edits=st.lists(
+        st.tuples(st.sampled_from(KEYS), st.one_of(YAML_SCALARS, st.text(max_size=12))), max_size=4
+    )
+)
+def test_fuzzed_recipe_overrides(edits):
+    _load_or_refuse(RECIPE_TEXT, [f"{k}={v}" for k, v in edits])
+
+
+@FUZZ
+@given(lines=st.lists(st.integers(0, 200), max_size=3), junk=st.lists(YAML_SCALARS, min_size=1, max_size=3))
+def test_fuzzed_recipe_lines(lines, junk):
+    """Replace the value of random lines of a real recipe with YAML oddities (tags, aliases, nulls)."""
+    out = RECIPE_TEXT.splitlines()
+    for i, line in enumerate(lines):
+        j = line % len(out)
+        if ":" in out[j]:
+            out[j] = out[j].split(":", 1)[0] + ": " + junk[i % len(junk)]
+    _load_or_refuse("\n".join(out), [])
