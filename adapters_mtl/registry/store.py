@@ -12,6 +12,9 @@ rename under an exclusive ``flock`` on ``<root>/.lock`` (released by the OS if t
 stores (no rename) a version number is claimed with a conditional create (S3 ``If-None-Match: *``), so two
 machines can never take the same number, and the card is uploaded last, so the version becomes visible
 complete. Stores with no conditional create are refused for publishing unless ``single_writer=True``.
+Known limits on object stores: ``aliases.json`` is rewritten whole, so alias updates from two machines at
+the same moment are last-writer-wins; an upload killed mid-way leaves objects without a card (invisible,
+their number never reused) that ``clean_leftovers`` does not delete.
 """
 
 from __future__ import annotations
