@@ -1,8 +1,9 @@
 """Adapter files: one adapter = one folder that PEFT loads as it is, plus our adapter card.
 
 Layout of a folder:
-  adapter_model.safetensors  LoRA tensors (PEFT's key names) and the head (keys under "adapters_mtl.head.")
+  adapter_model.safetensors  LoRA tensors only, under PEFT's key names (what PEFT, vLLM and LoRAX read)
   adapter_config.json        PEFT's own config (written by PEFT's config class)
+  head.safetensors           the task head, if any (classifier.weight / classifier.bias)
   prefix/                    for a LoRA+prefix adapter: the prefix part as its own PEFT folder
   adapter_card.json          our card: task, methods, base fingerprint, head, metrics, sha256 of every file
   README.md                  the same card for people (as the Hub shows it)
@@ -51,6 +52,9 @@ __all__ = [
 CARD = "adapter_card.json"
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
+HEAD_WEIGHTS = "head.safetensors"  # the task head (classifier.weight/.bias), listed in the card
+# heads written before head.safetensors existed live in adapter_model.safetensors under this prefix (read
+# for compatibility; vLLM and LoRAX refuse any key that is not a LoRA weight, so it is no longer written)
 _HEAD_PREFIX = "adapters_mtl.head."
 
 
@@ -183,9 +187,9 @@ def save_adapter(
         lora = next((c for c in configs if isinstance(c, LoraConfig)), None)
         prefix = next((c for c in configs if not isinstance(c, LoraConfig)), None)
         top = {k: v for k, v in tensors.items() if k != "prompt_embeddings"}
-        if head_cfg is not None:
-            for key, p in model.heads[name].named_parameters():
-                top[_HEAD_PREFIX + key] = p.detach().contiguous().clone()
+        if head_cfg is not None:  # in a file of its own: serving engines read adapter_model.safetensors
+            head = {k: p.detach().contiguous().clone() for k, p in model.heads[name].named_parameters()}
+            save_file(head, str(tmp / HEAD_WEIGHTS), metadata={"format": "pt", "adapters_mtl": _version()})
         if lora is not None:
             _peft_config(model, lora, None).save_pretrained(str(tmp))
             if prefix is not None:
@@ -545,6 +549,13 @@ def _check_lora_tensors(tensors: dict[str, torch.Tensor], where: str) -> None:
     """LoRA factors come in (A, B) pairs of 2-D tensors whose ranks agree (the base checks the rest)."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     problems = []
+    embedding = sorted(k for k in tensors if re.search(r"\.lora_embedding_[AB](\.weight)?$", k))
+    if embedding:
+        raise AdapterFileError(
+            f"{where}: LoRA on embedding layers ({embedding[0]}, ...: PEFT's lora_embedding_A/B, e.g. for new "
+            "tokens) is not supported by adapters_mtl yet; train the adapter without the embedding layer in "
+            "target_modules, or serve it with PEFT"
+        )
     for key, t in tensors.items():
         if key.startswith(_HEAD_PREFIX) or key == "prompt_embeddings":
             continue
@@ -629,6 +640,10 @@ def read_adapter(directory) -> AdapterFolder:
     head_tensors = {
         k[len(_HEAD_PREFIX) :]: v for p in parts for k, v in p.tensors.items() if k.startswith(_HEAD_PREFIX)
     }
+    if HEAD_WEIGHTS in files:
+        if head_tensors:
+            raise AdapterFileError(f"{root} holds a head in {HEAD_WEIGHTS} and another in {WEIGHTS}")
+        head_tensors = _parse_tensors(files[HEAD_WEIGHTS], str(root / HEAD_WEIGHTS))
     head = _head_config(card, str(root / CARD)) if card is not None else None
     if head is None and head_tensors:
         raise AdapterFileError(f"{root} has head tensors but no adapter card describing the head")

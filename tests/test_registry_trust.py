@@ -79,7 +79,7 @@ def test_publish_copies_only_listed_regular_files_never_links_or_pickles(tmp_pat
         assert reg.publish(folder) == "a@1"
     published = [f.removeprefix("adapters/a/1/") for f in _store_files(tmp_path / "reg") if "/1/" in f]
     assert published == ["README.md", "adapter_card.json", "adapter_config.json",
-                         "adapter_model.safetensors", "registry.json"]  # fmt: skip
+                         "adapter_model.safetensors", "head.safetensors", "registry.json"]  # fmt: skip
     assert not any(p.is_symlink() for p in (tmp_path / "reg").rglob("*"))
     assert reg.verify() == {"a@1": "ok"}
 
