@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load, save_file
 
 from .config import HeadConfig, LoraConfig, PrefixConfig, validate_name
+from .methods.lora import adapter_dtype_for
 from .methods.prefix import attention_geometry
 from .model import AdapterModel
 from .peft_compat import load_peft_state_dict, to_peft_state_dict
@@ -63,9 +64,14 @@ class AdapterFileError(ValueError):
 
 
 def base_fingerprint(model: AdapterModel) -> str:
-    """A fingerprint of the frozen base weights, independent of which adapters are attached.
+    """A fingerprint of the frozen backbone weights, independent of which adapters are attached.
 
-    Hashes every base tensor's canonical name, shape and dtype plus a strided sample of up to 1024 of
+    Of the backbone only (transformers' ``base_model``: the ``BertModel`` inside a
+    ``BertForSequenceClassification``, the ``GPT2Model`` inside a ``GPT2LMHeadModel``), under its own tensor
+    names: task heads (classifier, ``lm_head``) and the task model's prefix are left out, so an adapter
+    made on one task class of a backbone loads into another class of the same weights. A bare backbone
+    (``BertModel``, the packaged MiniLM) fingerprints exactly as before this rule.
+    Hashes every backbone tensor's canonical name, shape and dtype plus a strided sample of up to 1024 of
     its values (all of them for small tensors): cheap enough to run on every load, and any other
     checkpoint, architecture or precision of the base gives a different value. Cached on the model
     until a base tensor moves, changes dtype or is edited in place.
@@ -80,7 +86,8 @@ def base_fingerprint(model: AdapterModel) -> str:
         )
     # cached, keyed by where each base tensor lives and its version counter (in-place edits,
     # .to(dtype/device) and load_state_dict all change the key)
-    base_params = [p for k, p in model.base.named_parameters() if not p.requires_grad and ".lora_" not in k]
+    backbone = getattr(model.base, "base_model", model.base)
+    base_params = [p for k, p in backbone.named_parameters() if not p.requires_grad and ".lora_" not in k]
     cache_key = tuple((p.data_ptr(), p.dtype, p._version) for p in base_params)
     cached = getattr(model, "_base_fingerprint", None)
     if cached is not None and cached[0] == cache_key:
@@ -89,7 +96,7 @@ def base_fingerprint(model: AdapterModel) -> str:
     h = hashlib.sha256()
     named = [
         (k.replace(".base_layer.", "."), t)
-        for k, t in model.base.state_dict(keep_vars=True).items()
+        for k, t in backbone.state_dict(keep_vars=True).items()
         if id(t) not in adapter_ids and ".lora_" not in k
     ]
     for tensor_name, t in sorted(named, key=lambda kv: kv[0]):
@@ -666,7 +673,8 @@ def load_adapter(model: AdapterModel, directory, name: str | None = None, *, che
     Everything is checked before anything is attached: all of :func:`read_adapter` (checksums, no
     symlink followed, no pickle read, configs, headers, dtypes, finite values), then tensor names and
     shapes against the base model and the base fingerprint (``check_base=False`` skips only that).
-    Stored dtypes other than the model's are converted, with a warning when that loses precision.
+    Stored dtypes other than the adapter's (fp32 on a half-precision base by default, see
+    ``AdapterModel(adapter_dtype=...)``) are converted, with a warning when that loses precision.
     On any error nothing stays attached.
 
     Returns:
@@ -696,8 +704,8 @@ def load_adapter(model: AdapterModel, directory, name: str | None = None, *, che
     merged_state: dict[str, torch.Tensor] = {}
     for part in folder.parts:
         merged_state.update({k: v for k, v in part.tensors.items() if not k.startswith(_HEAD_PREFIX)})
-    dtype = next((p.dtype for p in model.base.parameters() if p.is_floating_point()), torch.float32)
-    _warn_lossy(merged_state | folder.head_tensors, dtype, root)
+    base_dtype = next((p.dtype for p in model.base.parameters() if p.is_floating_point()), torch.float32)
+    _warn_lossy(merged_state, model.lora_dtype or adapter_dtype_for(base_dtype), root)
     # values are copied in right after: skip the random initialisation
     configs = [dataclasses.replace(p.config, init="zeros") if isinstance(p.config, LoraConfig) else p.config
                for p in folder.parts]  # fmt: skip

@@ -45,6 +45,10 @@ class AdapterModel(nn.Module):
     Args:
         base: a loaded ``transformers`` model (encoder such as BERT/MiniLM, or decoder such as
             Llama/SmolLM2/GPT-2; bare or with its task head). Every parameter it has is frozen.
+        adapter_dtype: the dtype LoRA weights are kept (and computed) in: ``"auto"`` (default) keeps
+            them in fp32 on a fp16/bf16 base, as PEFT does, so saved adapters round-trip bit-exact, and
+            in the base's dtype otherwise; ``"base"`` always uses the base weight's dtype; or a
+            ``torch.dtype``. ``model.to(dtype)`` later converts them like every other parameter.
 
     Example:
         >>> model = AdapterModel(AutoModel.from_pretrained(path))
@@ -66,8 +70,13 @@ class AdapterModel(nn.Module):
     LRU does it, with per-adapter in-use counts to keep the adapters of calls in flight attached).
     """
 
-    def __init__(self, base: nn.Module) -> None:
+    def __init__(self, base: nn.Module, *, adapter_dtype: str | torch.dtype = "auto") -> None:
         super().__init__()
+        if adapter_dtype not in ("auto", "base") and not isinstance(adapter_dtype, torch.dtype):
+            raise ValueError(
+                f"adapter_dtype={adapter_dtype!r}: expected 'auto', 'base' or a torch.dtype such as torch.float32"
+            )
+        self._adapter_dtype = adapter_dtype
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
@@ -84,6 +93,15 @@ class AdapterModel(nn.Module):
         self._static: StaticSlot | None = None
 
     # ------------------------------------------------------------------ adapters
+    @property
+    def lora_dtype(self) -> torch.dtype | None:
+        """The dtype new LoRA weights get (None: each layer's weight dtype, see ``adapter_dtype``)."""
+        if isinstance(self._adapter_dtype, torch.dtype):
+            return self._adapter_dtype
+        if self._adapter_dtype == "base":
+            return next((p.dtype for p in self.base.parameters() if p.is_floating_point()), None)
+        return None
+
     @property
     def config(self):
         """The base model's config."""
@@ -419,7 +437,7 @@ class AdapterModel(nn.Module):
 
     def _method(self, method_name: str):
         if method_name not in self._methods:
-            method = get_method(method_name)(self.base, self._route)
+            method = get_method(method_name)(self.base, self._route, adapter_dtype=self.lora_dtype)
             if isinstance(getattr(method, "module", None), nn.Module):
                 self.method_modules[method_name] = method.module
             self._methods[method_name] = method

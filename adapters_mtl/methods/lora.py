@@ -21,6 +21,13 @@ from ..routing import MixedRows, Route, StaticSlot
 __all__ = ["LoraLayer", "is_lora_target_type"]
 
 
+def adapter_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype LoRA weights are kept in by default: fp32 on a half-precision base (as PEFT's
+    ``autocast_adapter_dtype``, so saved adapters round-trip bit-exact and train without fp16 underflow),
+    else the base weight's dtype."""
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+
 def _conv1d_type():
     from transformers.pytorch_utils import Conv1D
 
@@ -40,18 +47,19 @@ class LoraLayer(nn.Module):
         route: the owning model's :class:`Route` (each call's routing is read from it per thread).
     """
 
-    def __init__(self, base_layer: nn.Module, route: Route) -> None:
+    def __init__(self, base_layer: nn.Module, route: Route, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.fan_in_fan_out = isinstance(base_layer, _conv1d_type())
         w = base_layer.weight
+        dtype = dtype or adapter_dtype_for(w.dtype)
         self.in_features, self.out_features = (
             (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
         )
         self.lora_A = nn.ParameterDict()  # name -> (r, in), a view into stack_A
         self.lora_B = nn.ParameterDict()  # name -> (out, r), a view into stack_B
-        self.register_buffer("stack_A", w.new_zeros(1, 1, self.in_features), persistent=False)
-        self.register_buffer("stack_B", w.new_zeros(1, self.out_features, 1), persistent=False)
+        self.register_buffer("stack_A", w.new_zeros(1, 1, self.in_features, dtype=dtype), persistent=False)
+        self.register_buffer("stack_B", w.new_zeros(1, self.out_features, 1, dtype=dtype), persistent=False)
         self.register_buffer("scales", torch.zeros(1, device=w.device), persistent=False)  # fp32 always
         self.slots: dict[str, int] = {}
         self.ranks: dict[str, int] = {}
@@ -218,9 +226,12 @@ class LoraLayer(nn.Module):
         if not self.slots:
             return out
         sel = self._route.get("lora")  # this thread's call, else the default: one read per layer call
+        # computed in the adapters' dtype (fp32 on a half-precision base, as PEFT's autocast_adapter_dtype),
+        # added to the output in its own; a no-op when the two agree
+        x = x.to(self.stack_A.dtype)
         if isinstance(sel, StaticSlot):
             if not (self.training and torch.is_grad_enabled()):
-                return out + self._static_delta(x, sel.slot)
+                return out + self._static_delta(x, sel.slot).to(out.dtype)
             sel = int(sel.slot)  # training: the ordinary path, so gradients reach the adapter's parameters
         if isinstance(sel, tuple):  # a stack: the levels' updates add up
             for level in sel:
@@ -236,7 +247,7 @@ class LoraLayer(nn.Module):
                 return 0.0
             A, B = self.lora_A[name], self.lora_B[name]
             h = F.linear(self._dropout(x, self.dropout[name]), A.to(x.dtype))  # (..., r)
-            return F.linear(h, B.to(x.dtype)) * self.scaling[name]
+            return (F.linear(h, B.to(x.dtype)) * self.scaling[name]).to(dtype)
         rows = sel.for_batch(x.shape[0])
         if self.merged is not None:
             raise RuntimeError(
@@ -324,8 +335,8 @@ class LoraMethod:
 
     name = "lora"
 
-    def __init__(self, model: nn.Module, route: Route) -> None:
-        self.model, self.route = model, route
+    def __init__(self, model: nn.Module, route: Route, *, adapter_dtype: torch.dtype | None = None) -> None:
+        self.model, self.route, self.adapter_dtype = model, route, adapter_dtype
         self.layers: dict[str, LoraLayer] = {}
         self.slot: dict[str, int] = {}
         self.targets: dict[str, list[str]] = {}
@@ -383,7 +394,7 @@ class LoraMethod:
             return self.layers[path]
         parent_path, _, child = path.rpartition(".")
         parent = self.model.get_submodule(parent_path) if parent_path else self.model
-        layer = LoraLayer(getattr(parent, child), self.route)
+        layer = LoraLayer(getattr(parent, child), self.route, self.adapter_dtype)
         setattr(parent, child, layer)
         self.layers[path] = layer
         return layer

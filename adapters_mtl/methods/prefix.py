@@ -301,7 +301,7 @@ class PrefixMethod:
 
     name = "prefix"
 
-    def __init__(self, model: nn.Module, route: Route) -> None:
+    def __init__(self, model: nn.Module, route: Route, **options) -> None:  # options: other methods' (dtype)
         self.model, self.route = model, route
         self.bank = PrefixBank(model, route)
         self.module = self.bank  # registered by the model, so prefixes are its parameters
