@@ -37,6 +37,7 @@ from .peft_compat import load_peft_state_dict, to_peft_state_dict
 __all__ = [
     "AdapterFileError",
     "base_fingerprint",
+    "base_id",
     "load_adapter",
     "load_peft_state_dict",
     "read_card",
@@ -125,8 +126,27 @@ def _sha256(path) -> str:
     return h.hexdigest()
 
 
-def _base_id(model: AdapterModel) -> str | None:
-    return getattr(model.config, "_name_or_path", None) or None
+def base_id(model: AdapterModel) -> str | None:
+    """The name a published adapter gives its base: a Hub id, never a path on this machine.
+
+    ``config.name_or_path`` when it is a Hub-style id (``org/name``, as ``from_pretrained(hub_id)`` and the
+    packaged models set it); ``None`` when it is a local folder (the card's ``base_model_type`` and the
+    fingerprint still identify the base; set ``model.config.name_or_path = "org/name"`` to name it).
+    """
+    name = getattr(model.config, "_name_or_path", None) or None
+    if not isinstance(name, str) or _is_local_path(name):
+        return None
+    return name
+
+
+def _is_local_path(name: str) -> bool:
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or os.path.exists(name)
+    )
 
 
 def _peft_config(model: AdapterModel, cfg, lora_targets: list[str] | None):
@@ -135,10 +155,10 @@ def _peft_config(model: AdapterModel, cfg, lora_targets: list[str] | None):
     task = "CAUSAL_LM" if model._is_causal() else "FEATURE_EXTRACTION"
     if isinstance(cfg, LoraConfig):
         return cfg.to_peft(
-            target_modules=lora_targets, task_type=task, base_model_name_or_path=_base_id(model)
+            target_modules=lora_targets, task_type=task, base_model_name_or_path=base_id(model)
         )
     layers, kv_heads, head_dim = attention_geometry(model.config)
-    peft_cfg = cfg.to_peft(task_type=task, base_model_name_or_path=_base_id(model))
+    peft_cfg = cfg.to_peft(task_type=task, base_model_name_or_path=base_id(model))
     # the file holds the inference form (P, L·2·H·D): an MLP reparametrisation is folded in
     peft_cfg.prefix_projection = False
     peft_cfg.num_layers, peft_cfg.num_attention_heads, peft_cfg.token_dim = (
@@ -213,7 +233,7 @@ def save_adapter(
             "description": description,
             "methods": [c.method for c in configs],
             "configs": {c.method: _jsonable(c) for c in configs},
-            "base_model": _base_id(model),
+            "base_model": base_id(model),
             "base_model_type": getattr(model.config, "model_type", None),
             "base_fingerprint": base_fingerprint(model),
             "head": head_cfg.to_dict() if head_cfg is not None else None,
@@ -701,6 +721,15 @@ def load_adapter(model: AdapterModel, directory, name: str | None = None, *, che
     for part in folder.parts:
         if isinstance(part.config, PrefixConfig):
             _check_prefix_geometry(model, part.peft_config, root / part.folder)
+    if card is None:  # a plain PEFT folder: no fingerprint, so say what could not be proven
+        made_for = getattr(folder.parts[0].peft_config, "base_model_name_or_path", None)
+        here = base_id(model)
+        if made_for and here and made_for != here:
+            warnings.warn(
+                f"{root} was made for base {made_for!r} but is loaded into {here!r}: the shapes fit, but a plain "
+                "PEFT folder carries no fingerprint to prove the weights match; check its outputs",
+                stacklevel=2,
+            )
     merged_state: dict[str, torch.Tensor] = {}
     for part in folder.parts:
         merged_state.update({k: v for k, v in part.tensors.items() if not k.startswith(_HEAD_PREFIX)})
