@@ -191,10 +191,11 @@ def _registry_parser(sub) -> None:
 
 
 def _load_base(spec: str):
+    """The ``--base`` model, wrapped, without its tokenizer (importing adapters tokenizes nothing)."""
     from .model import AdapterModel
     from .models import load_base
 
-    return AdapterModel(load_base(spec)[0])
+    return AdapterModel(load_base(spec, tokenizer=False)[0])
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
@@ -331,8 +332,11 @@ def _texts(items: list[str]) -> list[str]:
 
 def _serve(args) -> int:
     from .composer import Composer
+    from .models import load_base
 
-    composer = Composer(args.base, registry=args.registry or "default")
+    # merge tokenizes nothing: a --base folder without tokenizer files is enough for it
+    base, tokenizer = load_base(args.base, tokenizer=args.command != "merge")
+    composer = Composer(base, registry=args.registry or "default", tokenizer=tokenizer)
     if args.command == "merge":
         composer.merge(
             args.adapter, args.weights, args.method, into="merged", density=args.density, rank=args.rank

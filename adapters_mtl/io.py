@@ -64,7 +64,7 @@ class AdapterFileError(ValueError):
     """An adapter folder that cannot be used: missing/edited/truncated files, pickles, wrong base or shapes."""
 
 
-def base_fingerprint(model: AdapterModel) -> str:
+def base_fingerprint(model: AdapterModel, *, whole_model: bool = False) -> str:
     """A fingerprint of the frozen backbone weights, independent of which adapters are attached.
 
     Of the backbone only (transformers' ``base_model``: the ``BertModel`` inside a
@@ -77,6 +77,12 @@ def base_fingerprint(model: AdapterModel) -> str:
     checkpoint, architecture or precision of the base gives a different value. Cached on the model
     until a base tensor moves, changes dtype or is edited in place.
 
+    Args:
+        model: the model whose base is fingerprinted.
+        whole_model: hash the whole wrapped model under its own names, heads included: the rule of
+            adapters_mtl 0.1.0 cards, whose fingerprints of task-class bases (``LlamaForCausalLM``,
+            ``GPT2LMHeadModel``, ``BertForSequenceClassification``) differ from the backbone's. Not cached.
+
     Raises:
         RuntimeError: while an adapter is merged into the base weights.
     """
@@ -87,11 +93,11 @@ def base_fingerprint(model: AdapterModel) -> str:
         )
     # cached, keyed by where each base tensor lives and its version counter (in-place edits,
     # .to(dtype/device) and load_state_dict all change the key)
-    backbone = getattr(model.base, "base_model", model.base)
+    backbone = model.base if whole_model else getattr(model.base, "base_model", model.base)
     base_params = [p for k, p in backbone.named_parameters() if not p.requires_grad and ".lora_" not in k]
     cache_key = tuple((p.data_ptr(), p.dtype, p._version) for p in base_params)
     cached = getattr(model, "_base_fingerprint", None)
-    if cached is not None and cached[0] == cache_key:
+    if cached is not None and cached[0] == cache_key and not whole_model:
         return cached[1]
     adapter_ids = {id(p) for n in model.adapter_names for p in model.adapter_parameters(n).values()}
     h = hashlib.sha256()
@@ -107,7 +113,8 @@ def base_fingerprint(model: AdapterModel) -> str:
         h.update(f"{tensor_name}|{tuple(t.shape)}|{t.dtype}|".encode())
         h.update(sample.numpy().tobytes())
     value = "sha256:" + h.hexdigest()
-    object.__setattr__(model, "_base_fingerprint", (cache_key, value))
+    if not whole_model:
+        object.__setattr__(model, "_base_fingerprint", (cache_key, value))
     return value
 
 
@@ -707,7 +714,12 @@ def load_adapter(model: AdapterModel, directory, name: str | None = None, *, che
     folder = read_adapter(directory)
     root, card = folder.root, folder.card
     if check_base and card is not None and card.get("base_fingerprint"):
-        if card["base_fingerprint"] != base_fingerprint(model):
+        # cards written before fingerprints were of the backbone hold the whole model's (task classes and
+        # causal LMs only: a bare backbone's value did not change)
+        if card["base_fingerprint"] not in (
+            base_fingerprint(model),
+            base_fingerprint(model, whole_model=True),
+        ):
             raise AdapterFileError(
                 f"adapter {card.get('name')!r} was trained on base {card.get('base_model')!r} "
                 f"({card['base_fingerprint'][:23]}…) but this model's base weights differ "

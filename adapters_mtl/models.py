@@ -44,6 +44,16 @@ class ModelNotInstalledError(RuntimeError):
     """A packaged model is not installed; the message names the exact pip command that installs it."""
 
 
+# the Hub ids of the packaged models: what published adapters name as their base (never the install path)
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def _name(model: PreTrainedModel, hub_id: str) -> None:
+    """Name a packaged model by its Hub id, as ``from_pretrained(hub_id)`` would have."""
+    model.config.name_or_path = model.name_or_path = hub_id
+
+
 def _package_dir(module: str, pip_cmd: str) -> Path:
     # Attribute access (not ``from importlib.util import find_spec``) so tests can monkeypatch it.
     spec = importlib.util.find_spec(module)
@@ -91,6 +101,7 @@ def load_minilm(
         model = AutoModel.from_pretrained(path, **kwargs)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+    _name(model, MINILM_HUB_ID)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer
 
@@ -165,6 +176,7 @@ def _load_cached(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTr
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
     )
+    _name(model, SMOLLM2_HUB_ID)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token is None:  # batching needs one; padding_side is left as the tokenizer has it
         tokenizer.pad_token = tokenizer.eos_token
@@ -199,25 +211,78 @@ def load_smollm2(*, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel
     return _load_cached(target, dtype)
 
 
-def load_base(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """``"minilm"`` (the packaged encoder), ``"smollm2"`` (the packaged causal LM) or a local model folder
-    (loaded with ``AutoModelForCausalLM`` when its config says it is a causal LM, else ``AutoModel``).
+# Names of the files that hold a tokenizer's vocabulary (tokenizer.json; vocab.txt/.json; sentencepiece's
+# tokenizer.model, spiece.model, spm.model...; tiktoken files). Without one, transformers 5 builds an empty
+# tokenizer for BERT/GPT-2 (every word becomes [UNK]) and fails for Llama/Mistral ("Couldn't instantiate
+# the backend tokenizer"), so their presence is checked before AutoTokenizer is asked.
+_VOCAB_FILES = ("tokenizer.json", "vocab.*", "*.model", "*.tiktoken")
+
+
+def _model_class(config) -> type:
+    """The class named by ``config.architectures`` (e.g. ``BertForSequenceClassification``), else an Auto class.
+
+    Only transformers' own :class:`PreTrainedModel` subclasses built from this kind of config are used (the
+    name comes from a file); an absent, unknown or mismatched architecture falls back to
+    ``AutoModelForCausalLM`` for ``*ForCausalLM`` names, else ``AutoModel``.
+    """
+    import transformers
+
+    names = list(config.architectures or [])
+    for name in names:
+        try:
+            cls = getattr(transformers, name, None)
+        except Exception:  # a known name whose optional backend is missing
+            cls = None
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel) and cls.config_class is not None:
+            if isinstance(config, cls.config_class):
+                return cls
+    return AutoModelForCausalLM if any(n.endswith("ForCausalLM") for n in names) else AutoModel
+
+
+def _folder_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    if not any(f.is_file() for pattern in _VOCAB_FILES for f in path.glob(pattern)):
+        raise ValueError(
+            f"the base model folder {path} holds no tokenizer (none of {', '.join(_VOCAB_FILES)}), and this "
+            "command tokenizes text; save the model's tokenizer into it (tokenizer.save_pretrained(folder)) "
+            "or use a folder that has one"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises ValueError, OSError, TypeError... for broken files
+        raise ValueError(
+            f"cannot load the tokenizer of the base model folder {path}: {type(e).__name__}: {e}"
+        ) from e
+
+
+def load_base(spec: str, *, tokenizer: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """Load a base model: ``"minilm"`` (the packaged encoder), ``"smollm2"`` (the packaged causal LM) or a
+    local model folder, never a hub.
+
+    A folder's model class is the first of its ``config.json`` ``architectures`` that transformers exports
+    (``BertForSequenceClassification``, ``GPT2LMHeadModel``...), so PEFT adapters made on that task model
+    load with their own key names; without one, ``AutoModelForCausalLM`` for ``*ForCausalLM`` names, else
+    ``AutoModel``.
+
+    Args:
+        spec: ``"minilm"``, ``"smollm2"`` or the path of a local model folder.
+        tokenizer: whether the caller tokenizes text (predict, generate, training). False never touches
+            tokenizer files (importing or merging adapters needs none).
+
+    Returns:
+        ``(model, tokenizer)``; the tokenizer is None when ``tokenizer`` is False.
 
     Raises:
-        ValueError: anything else (hubs are never reached). ModelNotInstalledError: a missing package.
+        ValueError: ``spec`` is none of these; or ``tokenizer`` is True and the folder holds no usable
+            tokenizer (the message names the folder). ModelNotInstalledError: a missing package.
     """
-    if spec == "minilm":
-        return load_minilm()
-    if spec == "smollm2":
-        return load_smollm2()
+    if spec in ("minilm", "smollm2"):
+        model, tok = load_minilm() if spec == "minilm" else load_smollm2()
+        return model, tok if tokenizer else None
     path = Path(spec)
     if not path.is_dir():
         raise ValueError(f"{spec!r} is not 'minilm', 'smollm2' or a local model folder (no hub downloads)")
     from transformers import AutoConfig
 
+    tok = _folder_tokenizer(path) if tokenizer else None  # before the weights: fail fast
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-    loader = AutoModelForCausalLM if causal else AutoModel
-    return loader.from_pretrained(path, local_files_only=True), AutoTokenizer.from_pretrained(
-        path, local_files_only=True
-    )
+    return _model_class(config).from_pretrained(path, local_files_only=True), tok

@@ -59,3 +59,20 @@ def test_a_plain_peft_folder_for_another_named_base_loads_with_a_warning(tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_adapter(AdapterModel(same), tmp_path / "plain", name="p")
+
+
+def test_cards_with_the_older_whole_model_fingerprint_still_load(tmp_path):
+    from adapters_mtl.io import AdapterFileError, base_fingerprint
+
+    base = tiny("llama")
+    model, card, _ = _publishable(copy.deepcopy(base), tmp_path)
+    assert card["base_fingerprint"] == base_fingerprint(model) != base_fingerprint(model, whole_model=True)
+    path = tmp_path / "a" / "adapter_card.json"
+    for value, loads in ((base_fingerprint(model, whole_model=True), True), ("sha256:" + "0" * 64, False)):
+        path.write_text(json.dumps({**card, "base_fingerprint": value}))
+        fresh = AdapterModel(copy.deepcopy(base))
+        if loads:
+            assert load_adapter(fresh, tmp_path / "a") == "a"
+        else:
+            with pytest.raises(AdapterFileError, match="base weights differ"):
+                load_adapter(fresh, tmp_path / "a")
