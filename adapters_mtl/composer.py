@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .merging import merge_adapters
-from .model import AdapterModel
+from .model import AdapterModel, routing_entry_problem
 from .training.objectives import pad
 
 __all__ = ["Composer", "ComposerError", "Prediction"]
@@ -353,7 +353,11 @@ class Composer:
         if not single and len(rows) != n:
             raise ComposerError(f"got {len(rows)} adapters for {n} rows: pass one per row, or one for all")
         labels = ["adapters"] if single else [f"row {i}" for i in range(n)]
-        problems = [f"{at}: {p}" for at, e in zip(labels, rows, strict=True) if (p := _entry_problem(e))]
+        problems = [
+            f"{at}: {p}"
+            for at, e in zip(labels, rows, strict=True)
+            if (p := routing_entry_problem(e, "references"))
+        ]
         if problems:
             raise ComposerError(
                 f"{'; '.join(problems[:8])}{' ...' if len(problems) > 8 else ''}. Expected a registry reference "
@@ -522,17 +526,3 @@ class Composer:
 def _members(entry) -> tuple:
     """The adapters of one routing entry (a stack's members; none for None)."""
     return entry if isinstance(entry, tuple) else () if entry is None else (entry,)
-
-
-def _entry_problem(entry) -> str | None:
-    """What is wrong with one routing entry (None when it is a reference, None, or a tuple of references).
-    A list is never a stack: a list of entries means one per row."""
-    if entry is None or isinstance(entry, str):
-        return None
-    if isinstance(entry, tuple):
-        if entry and all(isinstance(r, str) for r in entry):
-            return None
-        return f"got tuple {entry!r} (a stack is a non-empty tuple of references)"
-    if isinstance(entry, list):
-        return f"got list {entry!r} (a stack is a tuple, not a list: {tuple(entry)!r})"
-    return f"got {type(entry).__name__} {entry!r}"

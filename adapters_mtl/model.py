@@ -19,7 +19,7 @@ from .heads import Head, HeadOutput
 from .methods import get_method
 from .routing import Route, StaticSlot
 
-__all__ = ["AdapterModel", "AdapterOutput"]
+__all__ = ["AdapterModel", "AdapterOutput", "routing_entry_problem"]
 
 _UNSET = object()
 
@@ -267,7 +267,7 @@ class AdapterModel(nn.Module):
     def _usable(self, name, where: str):
         """``name`` checked as the adapter of plain calls (a name, None or a stack; known; not hidden by a
         merged adapter), 1-tuples unwrapped."""
-        problem = _entry_problem(name)
+        problem = routing_entry_problem(name)
         if problem is not None:
             raise TypeError(
                 f"{where} takes an adapter name, None (the bare base) or a tuple of names (a stack); {problem}"
@@ -480,7 +480,7 @@ class AdapterModel(nn.Module):
 
     def _row_names(self, adapters: Any, batch_size: int) -> list[str | None]:
         if adapters is None or isinstance(adapters, (str, tuple)):  # one entry for all rows (tuple: a stack)
-            problem = _entry_problem(adapters)
+            problem = routing_entry_problem(adapters)
             problems = [f"adapters: {problem}"] if problem else []
             rows = [adapters] * batch_size
         elif isinstance(adapters, list):
@@ -490,9 +490,11 @@ class AdapterModel(nn.Module):
                     f"adapters has {len(rows)} entries but the batch has {batch_size} rows: pass one adapter "
                     "name (or None for the bare base model) per row, or a single name for every row."
                 )
-            problems = [f"row {i}: {p}" for i, a in enumerate(rows) if (p := _entry_problem(a)) is not None]
+            problems = [
+                f"row {i}: {p}" for i, a in enumerate(rows) if (p := routing_entry_problem(a)) is not None
+            ]
         else:
-            problems = [f"adapters: {_entry_problem(adapters)}"]
+            problems = [f"adapters: {routing_entry_problem(adapters)}"]
         if problems:
             raise TypeError(
                 f"{'; '.join(problems[:8])}{' ...' if len(problems) > 8 else ''}. Expected an adapter name, "
@@ -515,8 +517,9 @@ class AdapterModel(nn.Module):
         )
 
 
-def _entry_problem(entry) -> str | None:
-    """What is wrong with one routing entry (None when it is a name, None, or a non-empty tuple of names).
+def routing_entry_problem(entry, what: str = "adapter names") -> str | None:
+    """What is wrong with one routing entry (None when it is a name, None, or a non-empty tuple of names;
+    ``what`` names the strings in messages, e.g. "references" for the Composer).
 
     A list is never a stack: at the top level of ``adapters=`` a list means one entry per row, so
     accepting lists as stacks too would make ``adapters=["shared", "news"]`` silently mean two rows.
@@ -526,7 +529,7 @@ def _entry_problem(entry) -> str | None:
     if isinstance(entry, tuple):
         if entry and all(isinstance(n, str) for n in entry):
             return None
-        return f"got tuple {entry!r} (a stack is a non-empty tuple of adapter names)"
+        return f"got tuple {entry!r} (a stack is a non-empty tuple of {what})"
     if isinstance(entry, list):
         return f"got list {entry!r} (a stack is a tuple, not a list: {tuple(entry)!r})"
     return f"got {type(entry).__name__} {entry!r}"
