@@ -88,12 +88,20 @@ def find_self_attention(model: nn.Module, num_layers: int) -> list[nn.Module]:
             and hasattr(module, "config")
         ):
             found.setdefault(idx, module)
-    supported = getattr(model, "_supports_sdpa", False) and model._can_set_attn_implementation()
-    if sorted(found) != list(range(num_layers)) or not supported:
+    problems = []
+    if sorted(found) != list(range(num_layers)):
+        problems.append(
+            f"expected one self-attention module per layer (layers 0..{num_layers - 1}) using transformers' "
+            f"AttentionInterface, found layers {sorted(found)}"
+        )
+    if not (getattr(model, "_supports_sdpa", False) and model._can_set_attn_implementation()):
+        # e.g. Gemma 2, whose attention-logit soft-capping SDPA cannot compute
+        problems.append("the model does not support SDPA attention, which routed prefixes are computed with")
+    if problems:
         raise ValueError(
-            f"prefix tuning is not supported on {type(model).__name__}: expected one self-attention module per "
-            f"layer (layers 0..{num_layers - 1}) using transformers' AttentionInterface with SDPA support, found "
-            f"layers {sorted(found)}. Supported families include BERT, Llama/SmolLM2, GPT-2; use LoRA for this model."
+            f"prefix tuning is not supported on {type(model).__name__}: {'; '.join(problems)}. Supported "
+            "families include BERT, RoBERTa, Llama/SmolLM2, Qwen, Mistral, Gemma 3, Phi-3, GPT-2; use LoRA for "
+            "this model."
         )
     return [found[i] for i in range(num_layers)]
 
@@ -265,13 +273,25 @@ class PrefixBank(nn.Module):
         local.prefix_context = ctx
         # Real tokens sit after the prefix (positions start at P, as in PEFT); done on the backbone so
         # that generate(), which calls the base model directly, gets it too.
-        off = ctx.lengths
+        off = ctx.lengths.unsqueeze(1)  # (B, 1)
         pos = kwargs.get("position_ids")
-        if pos is None:
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-            pos = torch.arange(past, past + T, device=ref.device).unsqueeze(0)
-        kwargs["position_ids"] = pos + off.unsqueeze(1)
+        if pos is not None:
+            kwargs["position_ids"] = pos + off
+            return args, kwargs
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        emb = getattr(module, "embeddings", None)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if hasattr(emb, "create_position_ids_from_input_ids"):
+            # RoBERTa/XLM-R count positions from padding_idx + 1, skipping pad tokens, and offset them by
+            # the cache length: the prefix length goes there, as PEFT's past_key_values does. (From
+            # inputs_embeds they ignore the cache length, so their own positions stay, as with PEFT.)
+            if ids is not None:
+                kwargs["position_ids"] = emb.create_position_ids_from_input_ids(
+                    ids, emb.padding_idx, past + off
+                )
+        else:
+            kwargs["position_ids"] = torch.arange(past, past + T, device=ref.device).unsqueeze(0) + off
         return args, kwargs
 
     def _end_call(self, module, args, output):
