@@ -137,7 +137,11 @@ class LoraConfig:
         if getattr(cfg, "bias", "none") != "none":
             unsupported.append(f"bias={cfg.bias!r}")
         if getattr(cfg, "modules_to_save", None):
-            unsupported.append(f"modules_to_save={cfg.modules_to_save!r} (use a head instead)")
+            # a saved SEQ_CLS/TOKEN_CLS folder's classifier is read by adapters_mtl.io (it becomes the head)
+            unsupported.append(
+                f"modules_to_save={cfg.modules_to_save!r} (train a head instead: add_adapter(..., "
+                "head=HeadConfig(...)); a saved PEFT classifier folder loads with adapters_mtl.io.load_adapter)"
+            )
         if getattr(cfg, "target_parameters", None):
             unsupported.append("target_parameters")
         init = cfg.init_lora_weights
@@ -239,6 +243,8 @@ class PrefixConfig:
 
 _HEAD_KINDS = ("seq_cls", "regression", "token_cls")
 _POOLINGS = ("auto", "cls", "pooler", "mean", "last")
+# how the pooled vector becomes logits; each reproduces a Hugging Face classification head exactly
+_STYLES = ("linear", "roberta", "distilbert")
 
 
 @dataclass(frozen=True)
@@ -252,9 +258,18 @@ class HeadConfig:
         pooling: how a sequence becomes one vector: ``"cls"`` (first token), ``"pooler"`` (the base
             model's pooler, e.g. BERT), ``"mean"`` (mask-aware mean), ``"last"`` (last non-pad token,
             right or left padding); ``"auto"`` = pooler if the base has one, else last for decoders,
-            else cls.
-        dropout: dropout before the linear layer (training only).
+            else cls (always cls for the ``roberta`` and ``distilbert`` styles).
+        dropout: dropout probability of the head (training only).
         label_names: optional names of the labels (stored with the adapter).
+        style: the layers after pooling: ``"linear"`` (dropout → ``classifier``: BERT on its pooler output,
+            token classification, and with ``bias=False`` a decoder's ``score``), ``"roberta"`` (dropout →
+            ``dense`` (H, H) → tanh → dropout → ``classifier``: RoBERTa/XLM-R's classification head) or
+            ``"distilbert"`` (``dense`` (H, H) → ReLU → dropout → ``classifier``: DistilBERT's
+            ``pre_classifier``). Token classification is always ``"linear"``.
+        bias: whether ``classifier`` has a bias (decoders' ``score`` layers have none).
+
+    ``style`` and ``bias`` are left out of :meth:`to_dict` at their defaults, so the card of a plain
+    linear head reads exactly as before they existed (older adapters_mtl versions still load it).
     """
 
     kind: str = "seq_cls"
@@ -262,6 +277,8 @@ class HeadConfig:
     pooling: str = "auto"
     dropout: float = 0.1
     label_names: tuple[str, ...] | None = None
+    style: str = "linear"
+    bias: bool = True
 
     def __post_init__(self) -> None:
         problems = []
@@ -273,6 +290,12 @@ class HeadConfig:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.pooling not in _POOLINGS:
             problems.append(f"pooling must be one of {_POOLINGS}, got {self.pooling!r}")
+        if self.style not in _STYLES:
+            problems.append(f"style must be one of {_STYLES}, got {self.style!r}")
+        elif self.kind == "token_cls" and self.style != "linear":
+            problems.append(f"a token_cls head is linear (one label per token), got style={self.style!r}")
+        if not isinstance(self.bias, bool):
+            problems.append(f"bias must be True or False, got {self.bias!r}")
         if self.label_names is not None and len(self.label_names) != self.num_labels:
             problems.append(f"label_names has {len(self.label_names)} names but num_labels={self.num_labels}")
         if problems:
@@ -280,7 +303,15 @@ class HeadConfig:
         object.__setattr__(self, "label_names", _as_tuple(self.label_names))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The card's ``head`` entry (``style`` and ``bias`` only when not their defaults)."""
+        out = dataclasses.asdict(self)
+        for key in ("style", "bias"):
+            if out[key] == _HEAD_DEFAULTS[key]:
+                del out[key]
+        return out
+
+
+_HEAD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(HeadConfig)}
 
 
 AdapterConfig = LoraConfig | PrefixConfig

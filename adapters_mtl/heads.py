@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import HeadConfig
 
-__all__ = ["Head", "HeadOutput", "pool"]
+__all__ = ["Head", "HeadOutput", "head_shapes", "pool"]
 
 
 def pool(
@@ -43,13 +43,27 @@ def pool(
 
 
 class Head(nn.Module):
-    """Dropout + linear on pooled (sequence tasks) or per-token (token tasks) hidden states."""
+    """A classification head on pooled (sequence tasks) or per-token (token tasks) hidden states.
+
+    The ``style`` of its config picks the layers, each as in Hugging Face's task models (so a PEFT
+    classifier imported into this head gives the same logits):
+
+    - ``linear``: dropout → ``classifier`` (BertForSequenceClassification on the pooler output, every
+      ``*ForTokenClassification``, and a decoder's bias-free ``score`` on the last real token);
+    - ``roberta``: dropout → ``dense`` → tanh → dropout → ``classifier`` (RobertaClassificationHead);
+    - ``distilbert``: ``dense`` → ReLU → dropout → ``classifier`` (DistilBERT's pre_classifier).
+
+    Parameters (the names in ``head.safetensors``): ``classifier.weight`` (K, H), ``classifier.bias`` (K,)
+    unless ``bias=False``, and for the two-layer styles ``dense.weight`` (H, H), ``dense.bias`` (H,).
+    """
 
     def __init__(self, config: HeadConfig, hidden_size: int, pooling: str) -> None:
         super().__init__()
         self.config, self.pooling = config, pooling
         self.dropout = nn.Dropout(config.dropout)
-        self.classifier = nn.Linear(hidden_size, config.num_labels)
+        if config.style != "linear":
+            self.dense = nn.Linear(hidden_size, hidden_size)
+        self.classifier = nn.Linear(hidden_size, config.num_labels, bias=config.bias)
 
     def forward(
         self, hidden: torch.Tensor, mask: torch.Tensor | None, pooled: torch.Tensor | None
@@ -57,7 +71,24 @@ class Head(nn.Module):
         """(R, T, H) → (R, K) for sequence heads, (R, T, K) for token classification."""
         if self.config.kind == "token_cls":
             return self.classifier(self.dropout(hidden))
-        return self.classifier(self.dropout(pool(hidden, mask, self.pooling, pooled)))
+        x = pool(hidden, mask, self.pooling, pooled)  # (R, H)
+        if self.config.style == "roberta":
+            x = torch.tanh(self.dense(self.dropout(x)))
+        elif self.config.style == "distilbert":
+            x = torch.relu(self.dense(x))
+        return self.classifier(self.dropout(x))
+
+
+def head_shapes(config: HeadConfig, hidden_size: int) -> dict[str, tuple[int, ...]]:
+    """The parameter names and shapes of a :class:`Head` (what ``head.safetensors`` must hold)."""
+    K, H = config.num_labels, hidden_size
+    shapes: dict[str, tuple[int, ...]] = {}
+    if config.style != "linear":
+        shapes.update({"dense.weight": (H, H), "dense.bias": (H,)})
+    shapes["classifier.weight"] = (K, H)
+    if config.bias:
+        shapes["classifier.bias"] = (K,)
+    return shapes
 
 
 @dataclass

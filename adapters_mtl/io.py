@@ -3,15 +3,19 @@
 Layout of a folder:
   adapter_model.safetensors  LoRA tensors only, under PEFT's key names (what PEFT, vLLM and LoRAX read)
   adapter_config.json        PEFT's own config (written by PEFT's config class)
-  head.safetensors           the task head, if any (classifier.weight / classifier.bias)
+  head.safetensors           the task head, if any (classifier.weight / .bias, and dense.weight / .bias for
+                             the two-layer RoBERTa and DistilBERT styles: see heads.Head)
   prefix/                    for a LoRA+prefix adapter: the prefix part as its own PEFT folder
   adapter_card.json          our card: task, methods, base fingerprint, head, metrics, sha256 of every file
   README.md                  the same card for people (as the Hub shows it)
 A prefix-only adapter keeps its prefix at the top level. Loading never unpickles.
+A PEFT SEQ_CLS / TOKEN_CLS folder also loads: the classifier PEFT saves in adapter_model.safetensors
+(``modules_to_save``) becomes the adapter's head (see ``_split_peft_head``).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import hashlib
@@ -29,6 +33,7 @@ import torch
 from safetensors.torch import load, save_file
 
 from .config import HeadConfig, LoraConfig, PrefixConfig, validate_name
+from .heads import head_shapes
 from .methods.lora import adapter_dtype_for
 from .methods.prefix import attention_geometry
 from .model import AdapterModel
@@ -54,7 +59,7 @@ __all__ = [
 CARD = "adapter_card.json"
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
-HEAD_WEIGHTS = "head.safetensors"  # the task head (classifier.weight/.bias), listed in the card
+HEAD_WEIGHTS = "head.safetensors"  # the task head (heads.head_shapes names its tensors), listed in the card
 # heads written before head.safetensors existed live in adapter_model.safetensors under this prefix (read
 # for compatibility; vLLM and LoRAX refuse any key that is not a LoRA weight, so it is no longer written)
 _HEAD_PREFIX = "adapters_mtl.head."
@@ -522,6 +527,9 @@ class AdapterFolder:
     head: HeadConfig | None
     head_tensors: dict[str, torch.Tensor]
     files: dict[str, bytes]  # every file read (the card included), by relative path, exactly as checked
+    # the head is a PEFT classifier (modules_to_save of a SEQ_CLS/TOKEN_CLS adapter): load_adapter completes
+    # it from the base model (labels, pooler, family)
+    peft_head: bool = False
 
     @property
     def name(self) -> str | None:
@@ -545,6 +553,10 @@ def _parse_peft_config(data: bytes, where: str):
 
 def _native_config(peft_cfg, where: str) -> LoraConfig | PrefixConfig:
     kind = type(peft_cfg).__name__
+    if getattr(peft_cfg, "modules_to_save", None) is not None:
+        # a classifier PEFT saved with the adapter is read apart from the config (see _split_peft_head)
+        peft_cfg = copy.copy(peft_cfg)
+        peft_cfg.modules_to_save = None
     try:
         if kind == "LoraConfig":
             return LoraConfig.from_peft(peft_cfg)
@@ -610,6 +622,129 @@ def _check_lora_tensors(tensors: dict[str, torch.Tensor], where: str) -> None:
         raise AdapterFileError(f"{where}: " + "; ".join(problems[:8]))
 
 
+# PEFT's SEQ_CLS / TOKEN_CLS adapters save the task model's classifier (``modules_to_save``) beside the
+# LoRA tensors, as ``base_model.model.<module>.weight`` / ``.bias``. Each layout below is one Hugging Face
+# head: (head style, pooling, {PEFT module: our Head's module}); the family is checked on load.
+_PEFT_HEADS = {
+    "roberta": ("roberta", "cls", {"classifier.dense": "dense", "classifier.out_proj": "classifier"}),
+    "distilbert": ("distilbert", "cls", {"pre_classifier": "dense", "classifier": "classifier"}),
+    "bert": ("linear", "pooler", {"classifier": "classifier"}),  # + *ForTokenClassification
+    "decoder": ("linear", "last", {"score": "classifier"}),  # Llama, Mistral, Qwen, GPT-2, ...
+}
+_ROBERTA_HEAD_TYPES = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text",
+                       "roberta-prelayernorm")  # fmt: skip  # their heads are RobertaClassificationHead's
+_PEFT_HEAD_KINDS = {"SEQ_CLS": "seq_cls", "TOKEN_CLS": "token_cls"}
+
+
+def _split_peft_head(tensors: dict[str, torch.Tensor], peft_cfg, where: str):
+    """Take a PEFT classifier (``modules_to_save``) out of an adapter's tensors.
+
+    Returns:
+        ``(other tensors, HeadConfig or None, head tensors under our Head's names)``. The head's label names
+        and family checks need the base model: :func:`_complete_peft_head` adds them.
+
+    Raises:
+        AdapterFileError: ``modules_to_save`` tensors that are not one of the classification heads above
+            (named), or a classifier in an adapter whose task is not SEQ_CLS / TOKEN_CLS.
+    """
+    lora_or_prefix = (
+        k for k in tensors if ".lora_" in k or k == "prompt_embeddings" or k.startswith(_HEAD_PREFIX)
+    )
+    extra = sorted(set(tensors) - set(lora_or_prefix))
+    saved = getattr(peft_cfg, "modules_to_save", None)
+    if not extra or not saved:  # no classifier (stray keys are reported with the LoRA tensors)
+        return tensors, None, {}
+    modules: dict[str, dict[str, torch.Tensor]] = {}  # PEFT module path -> {"weight"/"bias": tensor}
+    for key in extra:
+        path, _, param = key.removeprefix("base_model.model.").rpartition(".")
+        if not key.startswith("base_model.model.") or param not in ("weight", "bias"):
+            path = key  # not a module's weight or bias: matches no layout, and is named as it is
+        modules.setdefault(path, {})[param] = tensors[key]
+    layout = next(
+        (
+            name
+            for name, (_, _, names) in _PEFT_HEADS.items()
+            if set(modules) == set(names) and all("weight" in modules[m] for m in names)
+        ),
+        None,
+    )
+    if layout is None:
+        known = sorted({m for _, _, names in _PEFT_HEADS.values() for m in names})
+        others = sorted(m for m in modules if m not in known) or sorted(modules)
+        raise AdapterFileError(
+            f"{where}: modules_to_save={saved!r} saved {others} (keys {extra[:6]}), which is not a "
+            f"classification head adapters_mtl can run; it imports the classifier of a SEQ_CLS/TOKEN_CLS "
+            "adapter (BERT-like 'classifier', RoBERTa-like 'classifier.dense/out_proj', DistilBERT's "
+            "'pre_classifier' + 'classifier', a decoder's 'score'). Retrain without the other modules in "
+            "modules_to_save, or serve this adapter with PEFT."
+        )
+    task = getattr(peft_cfg, "task_type", None)
+    kind = _PEFT_HEAD_KINDS.get(task) if isinstance(task, str) else None
+    style, pooling, names = _PEFT_HEADS[layout]
+    if kind is None or (kind == "token_cls" and style != "linear"):
+        raise AdapterFileError(
+            f"{where}: holds a classifier ({sorted(modules)}) but task_type={task!r}; adapters_mtl imports "
+            "the classifiers of task_type 'SEQ_CLS' and 'TOKEN_CLS' adapters"
+        )
+    final = modules[next(m for m, ours in names.items() if ours == "classifier")]
+    if final["weight"].dim() != 2 or final["weight"].shape[0] == 0:
+        raise AdapterFileError(
+            f"{where}: the classifier weight has shape {tuple(final['weight'].shape)}; expected (labels, hidden)"
+        )
+    num_labels = int(final["weight"].shape[0])
+    pooling = pooling if kind == "seq_cls" else "auto"
+    head = HeadConfig(kind, num_labels, pooling, dropout=0.0, style=style, bias="bias" in final)
+    ours = {f"{names[m]}.{param}": t for m, params in modules.items() for param, t in params.items()}
+    return {k: v for k, v in tensors.items() if k not in extra}, head, ours
+
+
+def _complete_peft_head(model: AdapterModel, head: HeadConfig, where: Path) -> HeadConfig:
+    """A PEFT classifier's head on this base: its family checked, label names and dropout from the config.
+
+    Raises:
+        AdapterFileError: the base is not of the family whose head the classifier is (the logits would
+            differ from PEFT's).
+    """
+    cfg = model.config
+    model_type = getattr(cfg, "model_type", None)
+    backbone = getattr(model.base, "base_model", model.base)
+    problem = None
+    if head.style == "roberta" and model_type not in _ROBERTA_HEAD_TYPES:
+        problem = f"RoBERTa's classification head, for model types {list(_ROBERTA_HEAD_TYPES)}"
+    elif head.style == "distilbert" and model_type != "distilbert":
+        problem = "DistilBERT's pre_classifier + classifier, for model type 'distilbert'"
+    elif head.pooling == "pooler" and getattr(backbone, "pooler", None) is None:
+        problem = "a linear classifier on the pooler output (BertForSequenceClassification), but this base has no pooler"
+    elif head.pooling == "last" and not model._is_causal():
+        problem = "a decoder's 'score' on the last token, but this base is not a decoder"
+    if problem:
+        raise AdapterFileError(
+            f"{where}: the adapter's classifier is {problem}; this base is model type {model_type!r}. Load "
+            "it on the base model it was trained on (a bare backbone or its task model)."
+        )
+    # label names: the task model's id2label, unless it is transformers' default LABEL_0, LABEL_1, ...
+    id2label = getattr(cfg, "id2label", None) or {}
+    labels = [id2label.get(i, id2label.get(str(i))) for i in range(head.num_labels)]
+    default = [f"LABEL_{i}" for i in range(head.num_labels)]
+    named = all(isinstance(x, str) for x in labels) and labels != default
+    # transformers treats one label (without a problem_type) as regression
+    problem_type = getattr(cfg, "problem_type", None)
+    regression = head.kind == "seq_cls" and (
+        problem_type == "regression" or (head.num_labels == 1 and problem_type is None)
+    )
+    # the task model's classifier dropout (training only): BERT/RoBERTa, then DistilBERT's names
+    rates = ("classifier_dropout", "seq_classif_dropout", "hidden_dropout_prob")
+    dropout = next(
+        (d for d in (getattr(cfg, r, None) for r in rates) if isinstance(d, float) and 0 <= d < 1), 0.0
+    )
+    return dataclasses.replace(
+        head,
+        kind="regression" if regression else head.kind,
+        dropout=dropout,
+        label_names=tuple(labels) if named else None,
+    )
+
+
 def read_adapter(directory) -> AdapterFolder:
     """Read and check an adapter folder (ours or PEFT's LoRA / prefix) without touching any model.
 
@@ -644,6 +779,7 @@ def read_adapter(directory) -> AdapterFolder:
             if data is not None:
                 files[rel] = data
     parts = []
+    peft_heads: list[tuple[HeadConfig, dict[str, torch.Tensor]]] = []
     for sub in ("", "prefix"):
         if sub and not (
             any(rel.startswith(f"{sub}/") for rel in files) or (card is None and (root / sub).is_dir())
@@ -667,6 +803,9 @@ def read_adapter(directory) -> AdapterFolder:
         peft_cfg = _parse_peft_config(files[cfg_rel], str(root / cfg_rel))
         config = _native_config(peft_cfg, str(root / cfg_rel))
         tensors = _parse_tensors(files[weights_rel], str(root / weights_rel))
+        tensors, peft_head, peft_head_tensors = _split_peft_head(tensors, peft_cfg, str(root / weights_rel))
+        if peft_head is not None:
+            peft_heads.append((peft_head, peft_head_tensors))
         _check_lora_tensors(tensors, str(root / weights_rel))
         parts.append(AdapterPart(sub, peft_cfg, config, tensors))
     if len({p.config.method for p in parts}) != len(parts):
@@ -681,21 +820,32 @@ def read_adapter(directory) -> AdapterFolder:
     head = _head_config(card, str(root / CARD)) if card is not None else None
     if head is None and head_tensors:
         raise AdapterFileError(f"{root} has head tensors but no adapter card describing the head")
+    if peft_heads:
+        if head is not None or len(peft_heads) > 1:
+            other = "the card's head" if head is not None else "a second classifier in prefix/"
+            raise AdapterFileError(
+                f"{root} holds a PEFT classifier (modules_to_save) and {other}; expected one head"
+            )
+        head, head_tensors = peft_heads[0]
     if head is not None:
-        # the head is dropout + Linear(hidden, num_labels); the hidden size is checked against the base
+        # the hidden size (classifier.weight's width) is checked against the base on load
         width = head_tensors.get("classifier.weight", torch.empty(0)).shape[-1:] or (0,)
-        want = {"classifier.weight": (head.num_labels, width[0]), "classifier.bias": (head.num_labels,)}
+        want = head_shapes(head, width[0])
         got = {k: tuple(v.shape) for k, v in head_tensors.items()}
         if want != got:
             raise AdapterFileError(
                 f"{root}: head tensors {sorted(got.items())} do not match the card's head "
                 f"({head.kind}, {head.num_labels} labels: {sorted(want.items())})"
             )
-    return AdapterFolder(root, card, parts, head, head_tensors, files)
+    return AdapterFolder(root, card, parts, head, head_tensors, files, peft_head=bool(peft_heads))
 
 
 def load_adapter(model: AdapterModel, directory, name: str | None = None, *, check_base: bool = True) -> str:
     """Attach the adapter stored in ``directory`` (ours or any PEFT LoRA / prefix folder).
+
+    A PEFT classifier adapter (task_type SEQ_CLS / TOKEN_CLS: BERT, RoBERTa/XLM-R, DistilBERT, decoders'
+    ``score``) loads with its classifier as the head, on the bare backbone or on the task model, and gives
+    PEFT's logits; its label names come from the base config's ``id2label`` unless they are LABEL_0, ....
 
     Everything is checked before anything is attached: all of :func:`read_adapter` (checksums, no
     symlink followed, no pickle read, configs, headers, dtypes, finite values), then tensor names and
@@ -750,8 +900,9 @@ def load_adapter(model: AdapterModel, directory, name: str | None = None, *, che
     # values are copied in right after: skip the random initialisation
     configs = [dataclasses.replace(p.config, init="zeros") if isinstance(p.config, LoraConfig) else p.config
                for p in folder.parts]  # fmt: skip
+    head = _complete_peft_head(model, folder.head, root) if folder.peft_head else folder.head
     try:
-        model.add_adapter(name, configs, head=folder.head, trainable=False)
+        model.add_adapter(name, configs, head=head, trainable=False)
     except (TypeError, ValueError) as e:
         raise AdapterFileError(f"{root}: cannot attach the adapter to this model: {e}") from e
     try:

@@ -458,7 +458,9 @@ class AdapterModel(nn.Module):
             raise TypeError(f"head must be an adapters_mtl.HeadConfig, got {type(head).__name__}")
         hidden = self.hidden_size
         pooling = head.pooling
-        if pooling == "auto":
+        if pooling == "auto" and head.style != "linear":
+            pooling = "cls"  # RoBERTa's and DistilBERT's heads read the first token, never a pooler
+        elif pooling == "auto":
             backbone = self._backbone()
             if getattr(backbone, "pooler", None) is not None:
                 pooling = "pooler"
