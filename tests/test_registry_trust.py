@@ -692,3 +692,42 @@ def test_a_registry_object_sees_what_other_writers_published(tmp_path, model):
     writer.publish(model, adapter="a")
     AdapterRegistry(tmp_path / "reg", catalog=tmp_path / "elsewhere.sqlite").publish(model, adapter="a")
     assert [r.ref for r in reader.list()] == ["a@1", "a@2"] == [r.ref for r in writer.list()]
+
+
+def test_rebuild_removes_only_stages_whose_writer_is_gone_and_that_are_a_minute_old(tmp_path, model):
+    import fcntl
+
+    root = tmp_path / "reg"
+    reg = AdapterRegistry(root)
+    reg.publish(model, adapter="a", aliases=["prod"])
+    staging = root / "staging"
+    young, dead, live = (staging / n for n in ("young", "dead", "live"))
+    for stage in (young, dead, live):
+        stage.mkdir(parents=True)
+        (stage / "adapter_model.safetensors").write_bytes(b"x")
+    for stage in (dead, live):
+        os.utime(stage, (0, 0))
+    stale_alias = root / "adapters" / "a" / ".aliases.0123.tmp"
+    stale_alias.write_text("{}")
+    os.utime(stale_alias, (0, 0))
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a writer still at work on this stage
+        reg.rebuild()
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in staging.iterdir()) == ["live", "young"]
+    assert not stale_alias.exists() and reg.resolve("a@prod").version == 1
+
+
+def test_a_fifo_listed_in_a_card_is_refused_without_hanging(tmp_path, model, base):
+    folder = save_adapter(model, "a", tmp_path / "a")
+    os.mkfifo(folder / "extra.json")
+    _edit_card(
+        folder,
+        files={**json.loads((folder / "adapter_card.json").read_text())["files"], "extra.json": "0" * 64},
+    )
+    with pytest.raises(AdapterFileError, match="not a regular file"):
+        load_adapter(AdapterModel(copy.deepcopy(base)), folder)
+    with pytest.raises(AdapterFileError, match="not a regular file"):
+        AdapterRegistry(tmp_path / "reg").publish(folder)
