@@ -43,6 +43,7 @@ __all__ = [
     "AdapterFileError",
     "base_fingerprint",
     "base_id",
+    "export_peft_classifier",
     "load_adapter",
     "load_peft_state_dict",
     "read_card",
@@ -947,3 +948,68 @@ def _warn_lossy(tensors: dict[str, torch.Tensor], target: torch.dtype, root: Pat
             "precision; load the model in the adapter's dtype to keep every bit",
             stacklevel=3,
         )
+
+
+# where each head style sits in a Hugging Face task model, for export (the reverse of _PEFT_HEADS)
+_EXPORT_HEADS = {
+    "roberta": {"dense": "classifier.dense", "classifier": "classifier.out_proj"},
+    "distilbert": {"dense": "pre_classifier", "classifier": "classifier"},
+}
+
+
+def export_peft_classifier(
+    model: AdapterModel, name: str, directory, *, base_model: str | None = None
+) -> Path:
+    """Write LoRA adapter ``name`` with its head as the folder PEFT makes for ``task_type="SEQ_CLS"`` /
+    ``"TOKEN_CLS"``: LoRA keys under the task model's backbone prefix (``bert.``, ``roberta.``, ``model.``)
+    and the head as ``modules_to_save`` (``classifier``, ``classifier.dense/out_proj``, ``pre_classifier``,
+    ``score``), so ``PeftModel.from_pretrained(<Bert|Roberta|DistilBert|Llama>For…Classification, folder)``
+    and ``AutoPeftModelForSequenceClassification`` give this adapter's logits.
+
+    Unlike :func:`save_adapter`'s folders (LoRA weights only, for serving engines), vLLM and LoRAX do not
+    load these. Args: ``base_model`` names the base in ``adapter_config.json`` (default :func:`base_id`).
+
+    Raises:
+        ValueError: no head, a prefix part, or a head no Hugging Face task class has (e.g. mean pooling).
+    """
+    from .peft_compat import backbone_prefix
+
+    head, configs = model.head_config(name), model.adapter_config(name)
+    lora = next((c for c in configs if isinstance(c, LoraConfig)), None)
+    if head is None or lora is None or len(configs) != 1 or head.kind not in ("seq_cls", "token_cls"):
+        raise ValueError(
+            f"adapter {name!r} has configs {[c.method for c in configs]} and head {head}: exporting a PEFT "
+            "classifier needs a LoRA-only adapter with a seq_cls or token_cls head"
+        )
+    causal = model._is_causal()
+    if head.style in _EXPORT_HEADS:
+        places = _EXPORT_HEADS[head.style]
+    elif head.kind == "token_cls" or (not causal and head.pooling in ("pooler", "auto")):
+        places = {"classifier": "classifier"}  # BERT-like: dropout(pooler output or tokens) -> classifier
+    elif causal and head.pooling in ("last", "auto") and not head.bias:
+        places = {"classifier": "score"}  # decoders: score (no bias) on the last token
+    else:
+        raise ValueError(
+            f"adapter {name!r}'s head (style {head.style!r}, pooling {head.pooling!r}, bias {head.bias}) is not "
+            "a head any Hugging Face *ForSequenceClassification model has; PEFT could not run it"
+        )
+    prefix, wrapped = backbone_prefix(model.base)
+    outer = "base_model.model."
+    tensors = {}
+    for key, t in to_peft_state_dict(model, name).items():
+        tail = key.removeprefix(outer)
+        tensors[outer + (tail if wrapped or not prefix else f"{prefix}.{tail}")] = t
+    for ours, p in model.heads[name].named_parameters():
+        module, _, leaf = ours.rpartition(".")
+        tensors[f"{outer}{places[module]}.{leaf}"] = p.detach().contiguous().clone()
+    task = "SEQ_CLS" if head.kind == "seq_cls" else "TOKEN_CLS"
+    peft_cfg = lora.to_peft(
+        task_type=task,
+        modules_to_save=sorted({p.split(".")[0] for p in places.values()}),
+        base_model_name_or_path=base_model or base_id(model),
+    )
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=False)
+    peft_cfg.save_pretrained(str(target))
+    save_file(tensors, str(target / WEIGHTS), metadata={"format": "pt"})
+    return target
