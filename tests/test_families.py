@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 
 import pytest
 import torch
@@ -289,3 +290,15 @@ def test_prefix_sliding_window_shorter_than_input_matches_peft(family, classes, 
     torch.manual_seed(0)
     base = _decoder(*classes, head_dim=8, sliding_window=4)().eval()  # window 4 < 3 prefix + 8 tokens
     check_peft(family, "prefix", tmp_path, base=base)
+
+
+def test_a_prefix_on_sliding_window_attention_warns_that_it_differs_from_peft():
+    from adapters_mtl import AdapterModel, PrefixConfig
+
+    base = _decoder("MistralConfig", "MistralForCausalLM", head_dim=8, sliding_window=4)().eval()
+    with pytest.warns(UserWarning, match=r"sliding-window attention \(window 4\).*differ from PEFT"):
+        AdapterModel(base).add_adapter("p", PrefixConfig(num_virtual_tokens=3))
+    plain = _decoder("LlamaConfig", "LlamaForCausalLM", head_dim=8)().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AdapterModel(plain).add_adapter("p", PrefixConfig(num_virtual_tokens=3))

@@ -11,6 +11,7 @@ rotated, real-token positions start at P), so PEFT-trained prefixes behave ident
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,16 @@ def _register_attention() -> None:
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, routed_sdpa)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def _sliding_window(config) -> int | None:
+    """The sliding window of a config whose layers use one (None when none does)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(cfg, "sliding_window", None)
+    if not isinstance(window, int) or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    types = getattr(cfg, "layer_types", None)
+    return window if types is None or "sliding_attention" in types else None
 
 
 def attention_geometry(config) -> tuple[int, int, int]:
@@ -332,6 +343,14 @@ class PrefixMethod:
             name, config.num_virtual_tokens, config.projection, config.encoder_hidden_size, config.init_std
         )
         self.lengths[name] = config.num_virtual_tokens
+        window = _sliding_window(self.model.config)
+        if window is not None:
+            warnings.warn(
+                f"prefix adapter {name!r} on a model with sliding-window attention (window {window}): here the "
+                "prefix stays visible to every query, while PEFT lets it slide out of the window, so outputs "
+                f"differ from PEFT's for sequences longer than about {window} tokens",
+                stacklevel=4,
+            )
 
     def remove(self, name: str) -> None:
         self.bank.remove(name)
