@@ -867,9 +867,10 @@ def load_adapter(model: AdapterModel, directory, name: str | None = None, *, che
     if check_base and card is not None and card.get("base_fingerprint"):
         # cards written before fingerprints were of the backbone hold the whole model's (task classes and
         # causal LMs only: a bare backbone's value did not change)
-        if card["base_fingerprint"] not in (
-            base_fingerprint(model),
-            base_fingerprint(model, whole_model=True),
+        # (the older value is not cached: computed only when the current one does not match)
+        fingerprint = card["base_fingerprint"]
+        if fingerprint != base_fingerprint(model) and fingerprint != base_fingerprint(
+            model, whole_model=True
         ):
             raise AdapterFileError(
                 f"adapter {card.get('name')!r} was trained on base {card.get('base_model')!r} "
