@@ -24,6 +24,7 @@ import errno
 import glob
 import json
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -274,7 +275,6 @@ class Store:
 
     def _publish_local(self, name: str, files: dict[str, bytes], aliases: tuple[str, ...]) -> int:
         import fcntl
-        import shutil
 
         stage = self.path("staging", uuid.uuid4().hex)
         os.makedirs(stage)
@@ -378,7 +378,6 @@ class Store:
             trash = self.path("trash", uuid.uuid4().hex)
             os.makedirs(self.path("trash"), exist_ok=True)
             os.rename(self.path(rel), trash)
-            import shutil
 
             shutil.rmtree(trash, ignore_errors=True)
         else:
@@ -390,7 +389,6 @@ class Store:
         if not (self.local and self.writable):
             return []
         import fcntl
-        import shutil
 
         removed = []
         trash = self.path("trash")
