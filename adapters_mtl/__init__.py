@@ -1,9 +1,15 @@
-"""adapters_mtl: many small adapters on one frozen transformer, routed per row, for multi-task learning."""
+"""adapters_mtl: many small adapters on one frozen transformer, routed per row, for multi-task learning.
 
-from .config import HeadConfig, LoraConfig, PrefixConfig
-from .heads import HeadOutput
+Layout (dependencies point one way): ``apps`` → ``training``, ``serving`` → ``registry`` → ``files`` →
+``core.model`` → ``methods`` → ``core`` (config, routing, heads). ``data`` holds packaged models and
+corpora. See the README's "Layout" section.
+"""
+
+from . import _moved
+from .core.config import HeadConfig, LoraConfig, PrefixConfig
+from .core.heads import HeadOutput
+from .core.model import AdapterModel, AdapterOutput
 from .methods import register_method
-from .model import AdapterModel, AdapterOutput
 
 __version__ = "0.1.0"
 
@@ -17,3 +23,5 @@ __all__ = [
     "__version__",
     "register_method",
 ]
+
+_moved.install()

@@ -47,9 +47,9 @@ from bench_routing import (  # noqa: E402  (shared helpers of the routing benchm
 )
 
 from adapters_mtl import AdapterModel  # noqa: E402
-from adapters_mtl.composer import Composer  # noqa: E402
-from adapters_mtl.merging import METHODS, merge_adapters  # noqa: E402
 from adapters_mtl.registry import AdapterRegistry  # noqa: E402
+from adapters_mtl.serving.composer import Composer  # noqa: E402
+from adapters_mtl.serving.merging import METHODS, merge_adapters  # noqa: E402
 
 SWAP_COUNTS = (1, 16, 256)
 PEFT_SWAP_MAX = 64

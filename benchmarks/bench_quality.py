@@ -36,9 +36,9 @@ RUNS = [  # (label, recipe, extra overrides)
 @torch.no_grad()
 def base_zero_shot(task) -> dict:
     """Accuracy of the bare MiniLM with label-name centroids (mean-pooled embeddings), no training."""
-    from adapters_mtl.heads import pool
-    from adapters_mtl.models import load_minilm
-    from adapters_mtl.tasks import accuracy, load_task, macro_f1
+    from adapters_mtl.core.heads import pool
+    from adapters_mtl.data.bases import load_minilm
+    from adapters_mtl.data.tasks import accuracy, load_task, macro_f1
 
     model, tok = load_minilm()
     data = load_task(task)
@@ -61,7 +61,7 @@ def base_zero_shot(task) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from adapters_mtl.recipe import load_recipe, run_recipe
+    from adapters_mtl.apps.recipe import load_recipe, run_recipe
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

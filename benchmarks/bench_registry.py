@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from adapters_mtl import AdapterModel, LoraConfig
-from adapters_mtl.io import load_adapter
+from adapters_mtl.files.folder import load_adapter
 from adapters_mtl.registry import AdapterRegistry
 
 

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from adapters_mtl import AdapterModel, LoraConfig
-from adapters_mtl.io import to_peft_state_dict
+from adapters_mtl.files.folder import to_peft_state_dict
 
 TARGETS = ("q_proj", "v_proj")
 RANK, ALPHA = 8, 16
@@ -104,9 +104,9 @@ def build_base(layers: int) -> nn.Module:
 def load_real() -> nn.Module:
     """The packaged SmolLM2-135M (30 layers), or exit with the install hint."""
     try:
-        from adapters_mtl.models import load_smollm2
+        from adapters_mtl.data.bases import load_smollm2
     except ImportError as exc:  # the loader module is optional for this script
-        sys.exit(f"--real needs adapters_mtl.models.load_smollm2: {exc}")
+        sys.exit(f"--real needs adapters_mtl.data.bases.load_smollm2: {exc}")
     try:
         model, _ = load_smollm2()
     except RuntimeError as exc:  # ModelNotInstalledError names the pip command

@@ -12,12 +12,16 @@ rotated, real-token positions start at P), so PEFT-trained prefixes behave ident
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..routing import Route
+from ..core.routing import Route
+from .base import KeyMap, Method
+from .prefix_config import PrefixConfig
 
 __all__ = ["PrefixBank", "PrefixMethod", "attention_geometry"]
 
@@ -327,13 +331,19 @@ class PrefixSelection:
         return [name for name in self.names for _ in range(k)]
 
 
-class PrefixMethod:
-    """The prefix method behind the same interface as :class:`~adapters_mtl.methods.lora.LoraMethod`."""
+class PrefixMethod(Method):
+    """Prefix tuning as a method: one :class:`PrefixBank` per model. Selection: a
+    :class:`PrefixSelection`, or None when no row has a prefix. Saved as PEFT's ``PrefixTuningConfig``
+    with ``prompt_embeddings`` (P, L·2·H·D), the inference form (an MLP reparametrisation folded in)."""
 
     name = "prefix"
+    config_class = PrefixConfig
+    peft_config_types = ("PrefixTuningConfig",)
+    idle_selection = None
+    recomputable = False  # the call's keys/values are gone when backward recomputes a layer
 
-    def __init__(self, model: nn.Module, route: Route, **options) -> None:  # options: other methods' (dtype)
-        self.model, self.route = model, route
+    def __init__(self, model: nn.Module, route: Route, *, adapter_dtype: torch.dtype | None = None) -> None:
+        super().__init__(model, route, adapter_dtype=adapter_dtype)
         self.bank = PrefixBank(model, route)
         self.module = self.bank  # registered by the model, so prefixes are its parameters
         self.lengths: dict[str, int] = {}
@@ -373,3 +383,69 @@ class PrefixMethod:
         if all(n == rows[0] for n in rows):
             return PrefixSelection(uniform=rows[0])
         return PrefixSelection(names=tuple(rows))
+
+    def added_positions(self, config: PrefixConfig) -> int:
+        return config.num_virtual_tokens
+
+    # ---------------------------------------------------------------- files
+    @classmethod
+    def config_from_peft(cls, peft_config: Any, *, saved: bool = False) -> PrefixConfig:
+        if saved:  # a saved folder holds the inference form: no reparametrisation to rebuild
+            return PrefixConfig(num_virtual_tokens=peft_config.num_virtual_tokens, projection=False)
+        return PrefixConfig.from_peft(peft_config)
+
+    @classmethod
+    def owns_peft_key(cls, key: str) -> bool:
+        return key == _KEY
+
+    @classmethod
+    def check_peft_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> list[str]:
+        return [f"unexpected key {k!r} (a prefix adapter holds prompt_embeddings only)" for k in tensors
+                if k != _KEY]  # fmt: skip
+
+    def peft_config(self, name: str, config: PrefixConfig, *, task_type: str, base_model: str | None) -> Any:
+        layers, kv_heads, head_dim = attention_geometry(self.model.config)
+        peft_cfg = config.to_peft(task_type=task_type, base_model_name_or_path=base_model)
+        # the file holds the inference form (P, L·2·H·D): an MLP reparametrisation is folded in
+        peft_cfg.prefix_projection = False
+        peft_cfg.num_layers, peft_cfg.num_attention_heads = layers, kv_heads
+        peft_cfg.token_dim = peft_cfg.encoder_hidden_size = kv_heads * head_dim
+        return peft_cfg
+
+    def check_peft_config(self, peft_config: Any) -> str | None:
+        layers, kv_heads, head_dim = attention_geometry(self.model.config)
+        want = (layers, kv_heads, kv_heads * head_dim)
+        got = (peft_config.num_layers, peft_config.num_attention_heads, peft_config.token_dim)
+        if None not in got and got != want:
+            return (
+                f"prefix adapter was made for (layers, KV heads, KV width) = {got} but this base model has "
+                f"{want}: it belongs to another base model"
+            )
+        return None
+
+    def peft_state(self, name: str) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {_KEY: self.bank.prefixes[name].kv().detach().contiguous().clone()}
+
+    @torch.no_grad()
+    def load_peft_state(self, name: str, state: Mapping[str, torch.Tensor], key_maps: KeyMap) -> list[str]:
+        problems = self.check_peft_tensors(state)
+        if _KEY not in state:
+            return [*problems, f"missing keys: [{_KEY!r}]"]
+        module = self.bank.prefixes[name]
+        if module.transform is not None:
+            return [
+                *problems,
+                f"{_KEY} is the projected (inference) form; add the adapter with projection=False",
+            ]
+        target, tensor = module.embedding.weight, state[_KEY]
+        if tuple(target.shape) != tuple(tensor.shape):
+            problems.append(
+                f"{_KEY}: shape {tuple(tensor.shape)} but the adapter expects {tuple(target.shape)}"
+            )
+        if not problems:
+            target.copy_(tensor.to(target.dtype))
+        return problems
+
+
+_KEY = "prompt_embeddings"  # PEFT's name for the saved prefix

@@ -21,8 +21,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import validate_name
-from ..io import CARD, AdapterFileError, read_adapter, read_regular, save_adapter
+from ..core.config import validate_name
+from ..files.folder import CARD, AdapterFileError, read_adapter, read_regular, save_adapter
 from .catalog import Catalog, NameIndex, Row
 from .store import REGISTRY_META, Store, StoreError
 
@@ -196,7 +196,7 @@ class AdapterRegistry:
     ) -> str:
         """Publish an adapter folder, or ``adapter`` of an ``AdapterModel``, as the next version of ``name``.
 
-        The folder is checked exactly as loading checks it (:func:`adapters_mtl.io.read_adapter`: card,
+        The folder is checked exactly as loading checks it (:func:`adapters_mtl.files.folder.read_adapter`: card,
         checksums, configs, every tensor header, dtypes, finite values, head) and only the files its card
         lists are copied — never a symlink, a path outside the folder or a pickle.
 
@@ -217,7 +217,7 @@ class AdapterRegistry:
             ValueError: invalid name/alias/tag. AdapterFileError: the folder fails validation.
             RegistryError: the store cannot be written.
         """
-        from ..model import AdapterModel
+        from ..core.model import AdapterModel
 
         for alias in aliases:
             self._check_alias(alias)
@@ -278,7 +278,7 @@ class AdapterRegistry:
 
     def import_peft(self, model, folder, name: str, **kw) -> str:
         """Load a plain PEFT folder into ``model`` (all checks of ``load_adapter``), then publish it."""
-        from ..io import load_adapter
+        from ..files.folder import load_adapter
 
         load_adapter(model, folder, name=name)
         try:
@@ -383,7 +383,7 @@ class AdapterRegistry:
 
     def show(self, ref: str) -> dict:
         """The card of ``ref`` plus its registry record and aliases."""
-        from ..io import parse_card
+        from ..files.folder import parse_card
 
         rec = self.resolve(ref)
         card = parse_card(
@@ -440,7 +440,7 @@ class AdapterRegistry:
     def load(self, model, ref: str, name: str | None = None) -> str:
         """Attach ``ref`` to ``model`` (every check of ``load_adapter``); returns the adapter name
         (default: the ref's name)."""
-        from ..io import load_adapter
+        from ..files.folder import load_adapter
 
         rec = self.resolve(ref)
         folder = Path(rec.path) if self.local else self.fetch(rec.ref)

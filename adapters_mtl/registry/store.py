@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import fsspec
 
-from ..config import validate_name
-from ..io import CARD
+from ..core.config import validate_name
+from ..files.folder import CARD
 
 __all__ = ["Store", "StoreError", "VersionFiles"]
 
@@ -189,7 +189,7 @@ class Store:
         Raises:
             ValueError (AdapterFileError): a damaged card, naming the file.
         """
-        from ..io import parse_card
+        from ..files.folder import parse_card
 
         rel = self.version_rel(name, version)
         card = parse_card(self.read(f"{rel}/{CARD}"), f"{self.path(rel, CARD)}")

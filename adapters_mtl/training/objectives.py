@@ -15,19 +15,10 @@ import math
 import torch
 from torch.nn import functional as F
 
-from ..tasks import TaskData, accuracy, classification_report, macro_f1
+from ..data.batching import pad
+from ..data.tasks import TaskData, accuracy, classification_report, macro_f1
 
-__all__ = ["collate", "evaluate_task", "pad", "task_loss"]
-
-
-def pad(tokenizer, features: list[dict], side: str) -> dict[str, torch.Tensor]:
-    """``tokenizer.pad`` on ``side`` (right for training, left for generation); the tokenizer's own
-    setting is restored."""
-    saved, tokenizer.padding_side = tokenizer.padding_side, side
-    try:
-        return dict(tokenizer.pad(features, return_tensors="pt"))
-    finally:
-        tokenizer.padding_side = saved
+__all__ = ["collate", "evaluate_task", "task_loss"]
 
 
 def collate(tokenizer, features: list[dict]) -> tuple[dict[str, torch.Tensor], list]:

@@ -21,11 +21,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import validate_name
-from ..heads import pool
-from ..merging import add_cat, lora_factors
-from ..model import AdapterModel
-from ..tasks import TaskData
+from ..core.config import validate_name
+from ..core.heads import pool
+from ..core.model import AdapterModel
+from ..data.tasks import TaskData
+from ..serving.merging import add_cat, lora_factors
 from .adversarial import TaskDiscriminator
 from .objectives import collate, evaluate_task, task_loss
 from .run_state import MetricsLog, StopRequest, TrainingInterrupted, crash_point
@@ -296,7 +296,7 @@ class MultiTaskTrainer:
             )
         if name in self.tasks or name in model.heads:
             raise ValueError(f"the shared adapter {name!r} must not be a task and must not have a head")
-        not_lora = [n for n in [name, *self.tasks] if model._method_names(n) != ["lora"]]
+        not_lora = [n for n in [name, *self.tasks] if not model.can_merge(n)]
         if not_lora:
             raise ValueError(
                 f"sharing folds each (shared, task) stack into one LoRA adapter, so every adapter must be LoRA "
@@ -308,9 +308,7 @@ class MultiTaskTrainer:
             return
         pattern = None if self.cfg.unfreeze == "all" else re.compile(self.cfg.unfreeze)
         self._base_named = {
-            n: p
-            for n, p in model.base.named_parameters()
-            if ".lora_" not in n and (pattern is None or pattern.search(n))
+            n: p for n, p in model.base_parameters().items() if pattern is None or pattern.search(n)
         }
         if not self._base_named:
             raise ValueError(f"unfreeze={self.cfg.unfreeze!r} matches no base-model parameter name")

@@ -1,0 +1,1 @@
+"""Entry points: the ``adapters-mtl`` CLI, YAML recipes (checked before any model loads), the demo."""

@@ -1,0 +1,148 @@
+"""Per-row routing state read by every adapter bank of one model.
+
+The model turns ``adapters=[name per row]`` into slot indices once per call; each bank reads them
+through :meth:`Route.get` instead of receiving extra forward arguments, so the base model's own forward
+(and ``generate``) runs unchanged. Two layers of state:
+
+* the process-wide default (:meth:`Route.set_default`, what ``activate`` sets): shared by every caller,
+  replaced in one assignment, so activating an adapter stays O(1) whatever the number of adapters/layers;
+* the routing of the call in progress (:meth:`Route.scoped`: ``forward(adapters=...)``, ``generate``,
+  ``using``): thread-local, so concurrent calls on one model in different threads each see only their own.
+
+Thread-local rather than a ``contextvars.ContextVar``: ``torch.compile`` (2.13) traces a
+``threading.local`` attribute read as guarded data but graph-breaks on ``ContextVar.get``, and this read
+sits inside every adapted layer of a compiled model. A call runs synchronously in one thread, so
+per-thread is per-call; asyncio tasks that share a thread must not hold a ``using()`` block across an
+``await`` (pass ``adapters=`` instead).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["MixedRows", "Route", "StaticSlot"]
+
+
+@dataclass
+class MixedRows:
+    """Rows of a batch that use different LoRA slots.
+
+    Attributes:
+        idx: (B,) global slot per row; 0 is the empty slot (no LoRA).
+        uniq: the distinct slots in ``idx`` (Python ints, sorted), known without a device sync.
+        inv: (B,) position of each row's slot in ``uniq``.
+    """
+
+    idx: torch.Tensor
+    uniq: list[int]
+    inv: torch.Tensor
+    _expanded: dict[int, MixedRows] = field(default_factory=dict, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.idx.shape[0]
+
+    def for_batch(self, n: int) -> MixedRows:
+        """The rows for a batch of ``n`` (``generate`` repeats each row for beams / num_return_sequences)."""
+        if n == self.batch_size:
+            return self
+        if n % self.batch_size:
+            raise RuntimeError(
+                f"routed batch has {self.batch_size} rows but a layer received {n}: a batch size the "
+                "routing cannot map (expected a multiple of the routed rows)."
+            )
+        if n not in self._expanded:
+            k = n // self.batch_size
+            self._expanded[n] = MixedRows(
+                self.idx.repeat_interleave(k), self.uniq, self.inv.repeat_interleave(k)
+            )
+        return self._expanded[n]
+
+
+class StaticSlot:
+    """One LoRA slot for every row, held in a 1-element tensor: a compiled model reads it as data, so
+    switching adapters (writing the tensor in place) needs no recompilation. Layers then compute at the
+    stacks' full rank (the rows past an adapter's rank are zeros), which is what makes shapes static."""
+
+    __slots__ = ("slot",)
+
+    def __init__(self, device: torch.device) -> None:
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+
+
+class _Local(threading.local):
+    """Per-thread state of one model's calls. ``__init__`` runs once in every thread that touches it, so
+    the attributes always exist there: no missing-attribute look-up (~0.7 µs) on the hot path, and
+    ``torch.compile`` guards on the thread's own values (class-level defaults would be guarded instead)."""
+
+    def __init__(self) -> None:
+        self.call: dict[str, object] | None = None  # this thread's call in progress; None: the default
+        self.prefix_context: object | None = None  # the prefix bank's keys/values of the backbone call
+
+
+class Route:
+    """What every bank needs to know about the current call.
+
+    Routing keys (read with :meth:`get`):
+        <method name>: that method's selection for the call (see each method's ``selection``; e.g.
+            LoRA's slot, :class:`StaticSlot` or :class:`MixedRows`).
+        name: the routing entry plain calls use (the active adapter), kept with the selections it made
+            so that a call reads both from one snapshot.
+
+    Attributes:
+        default: the process-wide routing (``{key: value}``), replaced whole by :meth:`set_default`.
+        strategy: how mixed LoRA rows are computed: ``"gather"`` (gather each row's A/B from a
+            stacked bank, then two batched matmuls) or ``"group"`` (one matmul per distinct adapter).
+            A setting of the model, shared by every thread.
+        local: thread-local storage; ``local.call`` is the routing of this thread's call in progress
+            (None: the default); ``local.prefix_context`` is the prefix bank's per-call scratch.
+    """
+
+    __slots__ = ("default", "local", "strategy")
+
+    def __init__(self) -> None:
+        # each method adds its idle selection when the model creates it
+        self.default: dict[str, object] = {"name": None}
+        self.strategy: str = "gather"
+        self.local = _Local()
+
+    def get(self, key: str) -> object:
+        """The routing of ``key`` for this thread: its call's, else the default. The banks' one accessor
+        (a thread-local read and a dict look-up per layer call)."""
+        call = self.local.call
+        return (self.default if call is None else call).get(key)
+
+    @contextmanager
+    def scoped(self, selections: dict[str, object]) -> Iterator[dict[str, object]]:
+        """Route this thread's calls inside the block (``{method name: its selection}``, on top of the
+        routing in force here); restore this thread's previous routing afterwards. ``scoped({})`` pins
+        a snapshot of the default for the block, so an ``activate`` in another thread cannot switch
+        adapters in the middle of this call. Yields the routing in force."""
+        local = self.local
+        saved = local.call
+        call = {**(self.default if saved is None else saved), **selections}
+        local.call = call
+        try:
+            yield call
+        finally:
+            local.call = saved
+
+    def set_default(self, selections: dict[str, object]) -> None:
+        """The routing used by plain calls (no ``adapters=``) of every thread: O(1), and one assignment,
+        so a reader sees the old default or the new one, never a mix."""
+        self.default = {**self.default, **selections}
+
+    # copy.deepcopy / pickling of a model: a threading.local cannot be copied; calls in progress
+    # belong to their threads, so a copy starts with the default only.
+    def __getstate__(self) -> dict[str, object]:
+        return {"default": self.default, "strategy": self.strategy}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.default = state["default"]
+        self.strategy = state["strategy"]
+        self.local = _Local()

