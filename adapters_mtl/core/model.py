@@ -232,6 +232,11 @@ class AdapterModel(nn.Module):
         self._check_known([name])
         return [c.method for c in self._configs[name]]
 
+    @property
+    def methods(self) -> list[Method]:
+        """The method instances of this model (one per method it has held an adapter of)."""
+        return list(self._methods.values())
+
     def method(self, method_name: str) -> Method:
         """The :class:`~adapters_mtl.methods.Method` instance holding this model's adapters of
         ``method_name`` (created on first use)."""

@@ -101,17 +101,24 @@ def base_fingerprint(model: AdapterModel, *, whole_model: bool = False) -> str:
     # cached, keyed by where each base tensor lives and its version counter (in-place edits,
     # .to(dtype/device) and load_state_dict all change the key)
     backbone = model.base if whole_model else getattr(model.base, "base_model", model.base)
-    base_params = [p for k, p in backbone.named_parameters() if not p.requires_grad and ".lora_" not in k]
+    methods = model.methods
+    base_params = [
+        p
+        for k, p in backbone.named_parameters()
+        if not p.requires_grad and not any(m.owns_parameter(k, p) for m in methods)
+    ]
     cache_key = tuple((p.data_ptr(), p.dtype, p._version) for p in base_params)
     cached = getattr(model, "_base_fingerprint", None)
     if cached is not None and cached[0] == cache_key and not whole_model:
         return cached[1]
     adapter_ids = {id(p) for n in model.adapter_names for p in model.adapter_parameters(n).values()}
     h = hashlib.sha256()
+    # a wrapped layer keeps the original as base_layer (one level per method wrapping it): the canonical
+    # name is the unwrapped one, so the value does not depend on which methods are attached
     named = [
-        (k.replace(".base_layer.", "."), t)
+        (re.sub(r"(\.base_layer)+\.", ".", k), t)
         for k, t in backbone.state_dict(keep_vars=True).items()
-        if id(t) not in adapter_ids and ".lora_" not in k
+        if id(t) not in adapter_ids
     ]
     for tensor_name, t in sorted(named, key=lambda kv: kv[0]):
         flat = t.detach().reshape(-1)

@@ -42,18 +42,29 @@ class LoraMethod(Method):
         self.layers: dict[str, LoraLayer] = {}
         self.slot: dict[str, int] = {}
         self.targets: dict[str, list[str]] = {}
+        self._actual: dict[str, str] = {}  # target path -> where the wrapped module really is
         self._free: list[int] = []
         self._next = 1  # slot 0 = no LoRA
         self._merged: str | None = None
 
     # ---------------------------------------------------------------- targets
     def _candidates(self) -> dict[str, nn.Module]:
+        """Targetable modules by the path users name them with. A layer another method has wrapped (its
+        wrapper keeps the original as ``base_layer``, as PEFT's do) is named by the wrapper's path, and
+        LoRA wraps the original inside it (``self._actual`` keeps where)."""
         out: dict[str, nn.Module] = {}
-        for path, module in self.model.named_modules():
-            if isinstance(module, LoraLayer):
-                out[path] = module
-            elif is_lora_target_type(module) and not path.endswith(".base_layer"):
-                out[path] = module
+        modules = dict(self.model.named_modules())
+        for path, module in modules.items():
+            if not isinstance(module, LoraLayer) and not is_lora_target_type(module):
+                continue
+            name = path
+            while name.endswith(".base_layer"):
+                name = name[: -len(".base_layer")]
+                if isinstance(modules.get(name), LoraLayer):
+                    break  # LoRA's own wrapped original: the LoraLayer is the candidate
+            else:
+                out[name] = module
+                self._actual[name] = path
         return out
 
     def _match(self, config) -> list[str]:
@@ -94,7 +105,7 @@ class LoraMethod(Method):
     def _wrap(self, path: str) -> LoraLayer:
         if path in self.layers:
             return self.layers[path]
-        parent_path, _, child = path.rpartition(".")
+        parent_path, _, child = self._actual.get(path, path).rpartition(".")
         parent = self.model.get_submodule(parent_path) if parent_path else self.model
         layer = LoraLayer(getattr(parent, child), self.route, self.adapter_dtype)
         setattr(parent, child, layer)
