@@ -107,7 +107,8 @@ def base_fingerprint(model: AdapterModel, *, whole_model: bool = False) -> str:
         for k, p in backbone.named_parameters()
         if not p.requires_grad and not any(m.owns_parameter(k, p) for m in methods)
     ]
-    cache_key = tuple((p.data_ptr(), p.dtype, p._version) for p in base_params)
+    # torch's in-place edit counter (no public name): edits of the base invalidate the cache
+    cache_key = tuple((p.data_ptr(), p.dtype, p._version) for p in base_params)  # noqa: SLF001
     cached = getattr(model, "_base_fingerprint", None)
     if cached is not None and cached[0] == cache_key and not whole_model:
         return cached[1]

@@ -9,6 +9,9 @@ in the call's routing under the method's name; the method's layers read it back 
 ``route.get(name)``. That is the whole routing contract: one selection per method per call.
 """
 
+# The defaults below are what a method that lacks an ability does; they ignore their arguments by design.
+# ruff: noqa: ARG002, ARG003
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence

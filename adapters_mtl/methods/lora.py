@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from ..core.module_paths import PEFT_PREFIX
 from ..core.routing import MixedRows, Route, StaticSlot
@@ -113,6 +114,7 @@ class LoraMethod(Method):
         return layer
 
     # ---------------------------------------------------------------- adapters
+    @override
     def add(self, name: str, config) -> None:
         from peft.utils.other import get_pattern_key
 
@@ -122,18 +124,20 @@ class LoraMethod(Method):
         for path in paths:
             r = config.rank_pattern.get(get_pattern_key(list(config.rank_pattern), path), config.r)
             alpha = config.alpha_pattern.get(get_pattern_key(list(config.alpha_pattern), path), config.alpha)
-            self._wrap(path).add(name, slot, r, alpha, config.scaling(r, alpha), config.dropout, config.init)
+            self._wrap(path).add(name, slot, r, config.scaling(r, alpha), config.dropout, config.init)
         # every layer's stacks span every slot (zeros where the adapter has no weights), so a mixed
         # batch can gather any row's slot in any layer
         for layer in self.layers.values():
             layer.grow(self._next, 1)
         self.slot[name], self.targets[name] = slot, paths
 
+    @override
     def remove(self, name: str) -> None:
         for path in self.targets.pop(name):
             self.layers[path].remove(name)
         self._free.append(self.slot.pop(name))
 
+    @override
     def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
         """``{"<module path>.lora_A": A, "<module path>.lora_B": B}`` for every targeted module."""
         out = {}
@@ -142,6 +146,7 @@ class LoraMethod(Method):
                 out[f"{path}.{key}"] = p
         return out
 
+    @override
     def selection(self, names: list) -> int | MixedRows | tuple:
         """Turn one entry per row (a name, None, or a tuple = a stack) into this method's routing.
 
@@ -172,6 +177,7 @@ class LoraMethod(Method):
         layer = next(iter(self.layers.values()), None)
         return layer.stack_A.device if layer is not None else torch.device("cpu")
 
+    @override
     def merge(self, name: str, keep_original: bool = True) -> None:
         if not keep_original:
             tied = [p for p in self.targets[name] if self._is_tied(self.layers[p].base_layer.weight)]
@@ -190,11 +196,13 @@ class LoraMethod(Method):
             sum(1 for _, p in self.model.named_parameters(remove_duplicate=False) if p.data_ptr() == ptr) > 1
         )
 
+    @override
     def unmerge(self) -> None:
         for layer in self.layers.values():
             layer.unmerge()
         self._merged = None
 
+    @override
     def compact(self) -> None:
         """Free the stacks' spare capacity (they grow by doubling, so adding an adapter is amortised O(1))."""
         while self._next > 1 and self._next - 1 in self._free:  # trailing free slots are given back
@@ -203,10 +211,12 @@ class LoraMethod(Method):
         for layer in self.layers.values():
             layer.fit(self._next)
 
+    @override
     def merged(self) -> str | None:
         """The merged adapter (tracked here: read on every routed call, so no walk over layers)."""
         return self._merged
 
+    @override
     def static_selection(self, selection: object, slot: StaticSlot, merged: bool) -> object:
         """One slot for every row held in ``slot`` (written in place: a compiled model reads it as data);
         stacks and mixed rows keep the ordinary path."""
@@ -215,6 +225,7 @@ class LoraMethod(Method):
         slot.slot.fill_(0 if merged else selection)
         return slot
 
+    @override
     def factors(self, name: str, state: Mapping[str, torch.Tensor] | None = None) -> Factors:
         """``{module path: (A, B, scale)}``; ``state`` keys as :meth:`adapter_params`."""
         out = {}
@@ -225,18 +236,22 @@ class LoraMethod(Method):
             out[path] = (A.detach(), B.detach(), float(layer.scaling[name]))
         return out
 
+    @override
     def owns_parameter(self, qualified_name: str, parameter: nn.Parameter) -> bool:
         return ".lora_" in qualified_name
 
     # ---------------------------------------------------------------- files
+    @override
     @classmethod
     def config_from_peft(cls, peft_config: Any, *, saved: bool = False) -> LoraConfig:
         return LoraConfig.from_peft(peft_config)
 
+    @override
     @classmethod
     def owns_peft_key(cls, key: str) -> bool:
         return ".lora_" in key
 
+    @override
     @classmethod
     def check_peft_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> list[str]:
         """LoRA factors come in (A, B) pairs of 2-D tensors whose ranks agree (the base checks the rest)."""
@@ -265,18 +280,22 @@ class LoraMethod(Method):
                 )
         return problems
 
+    @override
     def loading_config(self, config: LoraConfig) -> LoraConfig:
         return dataclasses.replace(config, init="zeros")  # values are copied in right after
 
+    @override
     def peft_config(self, name: str, config: LoraConfig, *, task_type: str, base_model: str | None) -> Any:
         return config.to_peft(target_modules=None, task_type=task_type, base_model_name_or_path=base_model)
 
+    @override
     def peft_state(self, name: str) -> dict[str, torch.Tensor]:
         return {
             f"{PEFT_PREFIX}{key}.weight": p.detach().contiguous().clone()
             for key, p in self.adapter_params(name).items()
         }
 
+    @override
     @torch.no_grad()
     def load_peft_state(self, name: str, state: Mapping[str, torch.Tensor], key_maps: KeyMap) -> list[str]:
         params = self.adapter_params(name)

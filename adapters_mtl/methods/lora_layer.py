@@ -125,12 +125,10 @@ class LoraLayer(nn.Module):
         self._resync()
 
     @staticmethod
-    def _after_load(module: LoraLayer, incompatible_keys) -> None:
+    def _after_load(module: LoraLayer, _incompatible_keys: object) -> None:
         module._resync()
 
-    def add(
-        self, name: str, slot: int, r: int, alpha: float, scaling: float, dropout: float, init: str
-    ) -> None:
+    def add(self, name: str, slot: int, r: int, scaling: float, dropout: float, init: str) -> None:
         """Allocate ``name`` at global ``slot`` with rank ``r`` and scale ``scaling``."""
         if name in self.slots:
             raise ValueError(f"adapter {name!r} already exists in this layer")

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from ..core.routing import Route
 from .base import KeyMap, Method
@@ -39,7 +40,7 @@ def _register_attention() -> None:
         if ctx is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         B, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
-        pk, pv, pmask = ctx.layer(module._amtl_layer, B)  # (B, Hkv, P, D) x2, (B, P)
+        pk, pv, pmask = ctx.layer(module.adapters_mtl_layer, B)  # (B, Hkv, P, D) x2, (B, P)
         is_causal = kwargs.pop("is_causal", None)
         if attention_mask is None:
             causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
@@ -109,7 +110,9 @@ def find_self_attention(model: nn.Module, num_layers: int) -> list[nn.Module]:
             f"expected one self-attention module per layer (layers 0..{num_layers - 1}) using transformers' "
             f"AttentionInterface, found layers {sorted(found)}"
         )
-    if not (getattr(model, "_supports_sdpa", False) and model._can_set_attn_implementation()):
+    # transformers has no public "can this model switch attention implementation" check
+    sdpa = getattr(model, "_supports_sdpa", False) and model._can_set_attn_implementation()  # noqa: SLF001
+    if not sdpa:
         # e.g. Gemma 2, whose attention-logit soft-capping SDPA cannot compute
         problems.append("the model does not support SDPA attention, which routed prefixes are computed with")
     if problems:
@@ -175,7 +178,7 @@ class PrefixBank(nn.Module):
         self.layers, self.kv_heads, self.head_dim = attention_geometry(model.config)
         attn = find_self_attention(model, self.layers)
         _register_attention()
-        previous = model.config._attn_implementation
+        previous = model.config._attn_implementation  # noqa: SLF001 (transformers has no public getter)
         if previous not in ("sdpa", ATTN_IMPLEMENTATION):
             import warnings
 
@@ -187,7 +190,7 @@ class PrefixBank(nn.Module):
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
         for i, module in enumerate(attn):
             object.__setattr__(module, "_amtl_bank", self)
-            object.__setattr__(module, "_amtl_layer", i)
+            object.__setattr__(module, "adapters_mtl_layer", i)
         self.prefixes = nn.ModuleDict()
         # The prefixes of the backbone call in progress live in route.local (per thread), never here:
         # concurrent calls in other threads build their own.
@@ -258,7 +261,8 @@ class PrefixBank(nn.Module):
             self._cache = None
             return self.context(names, device, dtype)
         used = sorted({n for n in names if n is not None})
-        versions = tuple(p._version for n in used for p in self.prefixes[n].parameters())
+        # torch's in-place edit counter has no public name
+        versions = tuple(p._version for n in used for p in self.prefixes[n].parameters())  # noqa: SLF001
         key = (tuple(names), device, dtype, self._generation, versions)
         cache = self._cache  # read once: another thread may replace it meanwhile (a tuple, swapped whole)
         if cache is None or cache[0] != key:
@@ -309,7 +313,7 @@ class PrefixBank(nn.Module):
             kwargs["position_ids"] = torch.arange(past, past + T, device=ref.device).unsqueeze(0) + off
         return args, kwargs
 
-    def _end_call(self, module, args, output):
+    def _end_call(self, _module: nn.Module, _args: object, _output: object) -> None:
         self._route.local.prefix_context = None
 
 
@@ -348,6 +352,7 @@ class PrefixMethod(Method):
         self.module = self.bank  # registered by the model, so prefixes are its parameters
         self.lengths: dict[str, int] = {}
 
+    @override
     def add(self, name: str, config) -> None:
         self.bank.add(
             name, config.num_virtual_tokens, config.projection, config.encoder_hidden_size, config.init_std
@@ -362,13 +367,16 @@ class PrefixMethod(Method):
                 stacklevel=4,
             )
 
+    @override
     def remove(self, name: str) -> None:
         self.bank.remove(name)
         del self.lengths[name]
 
+    @override
     def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
         return {f"prefix.{k}": p for k, p in self.bank.adapter_params(name).items()}
 
+    @override
     def selection(self, names: list) -> PrefixSelection | None:
         rows = []
         for entry in names:
@@ -384,25 +392,30 @@ class PrefixMethod(Method):
             return PrefixSelection(uniform=rows[0])
         return PrefixSelection(names=tuple(rows))
 
+    @override
     def added_positions(self, config: PrefixConfig) -> int:
         return config.num_virtual_tokens
 
     # ---------------------------------------------------------------- files
+    @override
     @classmethod
     def config_from_peft(cls, peft_config: Any, *, saved: bool = False) -> PrefixConfig:
         if saved:  # a saved folder holds the inference form: no reparametrisation to rebuild
             return PrefixConfig(num_virtual_tokens=peft_config.num_virtual_tokens, projection=False)
         return PrefixConfig.from_peft(peft_config)
 
+    @override
     @classmethod
     def owns_peft_key(cls, key: str) -> bool:
         return key == _KEY
 
+    @override
     @classmethod
     def check_peft_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> list[str]:
         return [f"unexpected key {k!r} (a prefix adapter holds prompt_embeddings only)" for k in tensors
                 if k != _KEY]  # fmt: skip
 
+    @override
     def peft_config(self, name: str, config: PrefixConfig, *, task_type: str, base_model: str | None) -> Any:
         layers, kv_heads, head_dim = attention_geometry(self.model.config)
         peft_cfg = config.to_peft(task_type=task_type, base_model_name_or_path=base_model)
@@ -412,6 +425,7 @@ class PrefixMethod(Method):
         peft_cfg.token_dim = peft_cfg.encoder_hidden_size = kv_heads * head_dim
         return peft_cfg
 
+    @override
     def check_peft_config(self, peft_config: Any) -> str | None:
         layers, kv_heads, head_dim = attention_geometry(self.model.config)
         want = (layers, kv_heads, kv_heads * head_dim)
@@ -423,10 +437,12 @@ class PrefixMethod(Method):
             )
         return None
 
+    @override
     def peft_state(self, name: str) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             return {_KEY: self.bank.prefixes[name].kv().detach().contiguous().clone()}
 
+    @override
     @torch.no_grad()
     def load_peft_state(self, name: str, state: Mapping[str, torch.Tensor], key_maps: KeyMap) -> list[str]:
         problems = self.check_peft_tensors(state)
