@@ -88,13 +88,13 @@ LORA_TARGETS = {
 }
 
 
-def tiny(family: str, seed: int = 0, **overrides):
+def tiny(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     """A tiny random `family` model in eval mode; `overrides` change its config."""
     torch.manual_seed(seed)
     return FAMILIES[family](**overrides).eval()
 
 
-def batch(B: int = 4, T: int = 7, seed: int = 1, pad: str | None = None):
+def batch(B: int = 4, T: int = 7, seed: int = 1, pad: str | None = None) -> dict[str, torch.Tensor]:
     """input_ids (B, T) avoiding special ids, and an attention mask with some padding if `pad` is set."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 120, (B, T), generator=g)
@@ -109,7 +109,7 @@ def batch(B: int = 4, T: int = 7, seed: int = 1, pad: str | None = None):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def make_config(method: str, family: str, seed: int):
+def make_config(method: str, family: str, seed: int) -> LoraConfig | PrefixConfig | list:
     """A non-identity adapter config of `method` (LoRA B random so merges are really exercised)."""
     lora = LoraConfig(
         r=4,
@@ -121,3 +121,12 @@ def make_config(method: str, family: str, seed: int):
     )
     prefix = PrefixConfig(num_virtual_tokens=3 + seed, projection=seed % 2 == 1)
     return {"lora": lora, "prefix": prefix, "lora+prefix": [lora, prefix]}[method]
+
+
+# the padding side each family's tokenizer uses
+PAD = {"bert": "right", "llama": "left", "gpt2": "left"}
+
+
+def output(out, family):
+    """The tensor to compare for a family: hidden states of an encoder, logits of a decoder."""
+    return out.last_hidden_state if family == "bert" else out.logits

@@ -7,19 +7,12 @@ import copy
 
 import pytest
 import torch
-from helpers import LORA_TARGETS, batch, make_config, tiny
+from helpers import LORA_TARGETS, PAD, batch, make_config, output, tiny
 
 from adapters_mtl import AdapterModel
 from adapters_mtl.files.folder import load_peft_state_dict
 
 METHODS = ["lora", "prefix", "lora+prefix"]
-PAD = {"bert": "right", "llama": "left", "gpt2": "left"}
-
-
-def output(out, family):
-    return out.last_hidden_state if family == "bert" else out.logits
-
-
 def model_with(family: str, method: str, n: int = 2) -> AdapterModel:
     model = AdapterModel(tiny(family))
     torch.manual_seed(123)
@@ -50,7 +43,7 @@ def test_routed_equals_alone(family, method):
 @pytest.mark.parametrize("strategy", ["gather", "group"])
 def test_lora_strategies_agree(family, strategy):
     model = model_with(family, "lora", n=3)
-    model._route.strategy = strategy
+    model.routing_strategy = strategy
     names = ["lora0", "lora1", None, "lora2", "lora0"]
     inputs = batch(len(names), 6)
     with torch.no_grad():
@@ -82,7 +75,7 @@ def test_merge_equals_unmerged(family, method):
         for k, v in model.base.state_dict().items():
             assert torch.equal(v, snapshot[k]), k
         # W' = W + s·B·A for every targeted layer
-        lora = model._methods["lora"]
+        lora = model.method("lora")
         for path in lora.targets[name]:
             layer = lora.layers[path]
             expected = before[f"{path}.base_layer.weight"] + layer.delta_weight(name)
@@ -175,8 +168,8 @@ def test_peft_parity(family, method):
 
 
 def load_peft_state_dict_lora_only(model, name, state):
-    prefix = model._methods.get("prefix")
-    if prefix is not None and name in prefix.lengths:
+    if "prefix" in model.method_names(name):
+        prefix = model.method("prefix")
         # state has no prompt_embeddings (it is the LoRA model's); load LoRA keys, keep the prefix
         state = dict(state)
         state["prompt_embeddings"] = prefix.bank.prefixes[name].embedding.weight.clone()
@@ -187,5 +180,5 @@ def load_peft_state_dict_lora_only(model, name, state):
 
 def copy_prefix(model, name, peft_model):
     encoder = peft_model.prompt_encoder["default"]
-    mine = model._methods["prefix"].bank.prefixes[name]
+    mine = model.method("prefix").bank.prefixes[name]
     mine.load_state_dict(encoder.state_dict())

@@ -7,8 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import LORA_TARGETS, batch, tiny
-from test_core_matrix import PAD, make_config, output
+from helpers import LORA_TARGETS, PAD, batch, make_config, output, tiny
 
 from adapters_mtl import AdapterModel, HeadConfig
 from adapters_mtl.files.folder import AdapterFileError, load_adapter, save_adapter, to_peft_state_dict
@@ -16,7 +15,7 @@ from adapters_mtl.files.folder import AdapterFileError, load_adapter, save_adapt
 METHODS = ["lora", "prefix", "lora+prefix"]
 
 
-def _saved(tmp_path, family, method, head=None, seed=0):
+def _saved(tmp_path, family, method, head=None):
     torch.manual_seed(11)
     base = tiny(family)
     model = AdapterModel(copy.deepcopy(base)).eval()

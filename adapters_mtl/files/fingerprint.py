@@ -1,0 +1,98 @@
+"""What identifies a base model: a fingerprint of its frozen backbone weights, and its Hub id."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+import torch
+
+from ..core.model import AdapterModel
+
+__all__ = ["base_fingerprint", "base_id"]
+
+
+def base_fingerprint(model: AdapterModel, *, whole_model: bool = False) -> str:
+    """A fingerprint of the frozen backbone weights, independent of which adapters are attached.
+
+    Of the backbone only (transformers' ``base_model``: the ``BertModel`` inside a
+    ``BertForSequenceClassification``, the ``GPT2Model`` inside a ``GPT2LMHeadModel``), under its own tensor
+    names: task heads (classifier, ``lm_head``) and the task model's prefix are left out, so an adapter
+    made on one task class of a backbone loads into another class of the same weights. A bare backbone
+    (``BertModel``, the packaged MiniLM) fingerprints exactly as before this rule.
+    Hashes every backbone tensor's canonical name, shape and dtype plus a strided sample of up to 1024 of
+    its values (all of them for small tensors): cheap enough to run on every load, and any other
+    checkpoint, architecture or precision of the base gives a different value. Cached on the model
+    until a base tensor moves, changes dtype or is edited in place.
+
+    Args:
+        model: the model whose base is fingerprinted.
+        whole_model: hash the whole wrapped model under its own names, heads included: the rule of
+            adapters_mtl 0.1.0 cards, whose fingerprints of task-class bases (``LlamaForCausalLM``,
+            ``GPT2LMHeadModel``, ``BertForSequenceClassification``) differ from the backbone's. Not cached.
+
+    Raises:
+        RuntimeError: while an adapter is merged into the base weights.
+    """
+
+    if model.merged_adapter is not None:
+        raise RuntimeError(
+            f"adapter {model.merged_adapter!r} is merged; unmerge() before fingerprinting the base"
+        )
+    # cached, keyed by where each base tensor lives and its version counter (in-place edits,
+    # .to(dtype/device) and load_state_dict all change the key)
+    backbone = model.base if whole_model else getattr(model.base, "base_model", model.base)
+    methods = model.methods
+    base_params = [
+        p
+        for k, p in backbone.named_parameters()
+        if not p.requires_grad and not any(m.owns_parameter(k, p) for m in methods)
+    ]
+    # torch's in-place edit counter (no public name): edits of the base invalidate the cache
+    cache_key = tuple((p.data_ptr(), p.dtype, p._version) for p in base_params)  # noqa: SLF001
+    cached = getattr(model, "_base_fingerprint", None)
+    if cached is not None and cached[0] == cache_key and not whole_model:
+        return cached[1]
+    adapter_ids = {id(p) for n in model.adapter_names for p in model.adapter_parameters(n).values()}
+    h = hashlib.sha256()
+    # a wrapped layer keeps the original as base_layer (one level per method wrapping it): the canonical
+    # name is the unwrapped one, so the value does not depend on which methods are attached
+    named = [
+        (re.sub(r"(\.base_layer)+\.", ".", k), t)
+        for k, t in backbone.state_dict(keep_vars=True).items()
+        if id(t) not in adapter_ids
+    ]
+    for tensor_name, t in sorted(named, key=lambda kv: kv[0]):
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // 1024)
+        sample = flat[::step][:1024].to(torch.float32).cpu().contiguous()
+        h.update(f"{tensor_name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(sample.numpy().tobytes())
+    value = "sha256:" + h.hexdigest()
+    if not whole_model:
+        object.__setattr__(model, "_base_fingerprint", (cache_key, value))
+    return value
+
+
+def base_id(model: AdapterModel) -> str | None:
+    """The name a published adapter gives its base: a Hub id, never a path on this machine.
+
+    ``config.name_or_path`` when it is a Hub-style id (``org/name``, as ``from_pretrained(hub_id)`` and the
+    packaged models set it); ``None`` when it is a local folder (the card's ``base_model_type`` and the
+    fingerprint still identify the base; set ``model.config.name_or_path = "org/name"`` to name it).
+    """
+    name = getattr(model.config, "_name_or_path", None) or None
+    if not isinstance(name, str) or _is_local_path(name):
+        return None
+    return name
+
+
+def _is_local_path(name: str) -> bool:
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or os.path.exists(name)
+    )
