@@ -435,8 +435,14 @@ def load_adapter(model: AdapterModel, directory, name: str | None = None, *, che
 def _warn_lossy(tensors: dict[str, torch.Tensor], target: torch.dtype, root: Path) -> None:
     """Warn once per folder when stored weights lose precision on their way to the model's dtype."""
     order = {torch.float16: 0, torch.bfloat16: 0, torch.float32: 1, torch.float64: 2}
-    lossy = sorted({str(t.dtype) for t in tensors.values() if order.get(t.dtype, 1) > order.get(target, 1)
-                    or {t.dtype, target} == {torch.float16, torch.bfloat16}})  # fmt: skip
+    lossy = sorted(
+        {
+            str(t.dtype)
+            for t in tensors.values()
+            if order.get(t.dtype, 1) > order.get(target, 1)
+            or {t.dtype, target} == {torch.float16, torch.bfloat16}
+        }
+    )
     if lossy:
         warnings.warn(
             f"{root}: adapter weights stored as {lossy} are converted to the model's {target}, which loses "

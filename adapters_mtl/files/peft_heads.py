@@ -31,8 +31,14 @@ _PEFT_HEADS = {
     "bert": ("linear", "pooler", {"classifier": "classifier"}),  # + *ForTokenClassification
     "decoder": ("linear", "last", {"score": "classifier"}),  # Llama, Mistral, Qwen, GPT-2, ...
 }
-_ROBERTA_HEAD_TYPES = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text",
-                       "roberta-prelayernorm")  # fmt: skip  # their heads are RobertaClassificationHead's
+_ROBERTA_HEAD_TYPES = (
+    "roberta",
+    "xlm-roberta",
+    "xlm-roberta-xl",
+    "camembert",
+    "data2vec-text",
+    "roberta-prelayernorm",
+)  # their heads are RobertaClassificationHead's
 _PEFT_HEAD_KINDS = {"SEQ_CLS": "seq_cls", "TOKEN_CLS": "token_cls"}
 
 

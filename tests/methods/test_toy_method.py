@@ -19,6 +19,7 @@ import pytest
 import torch
 from helpers import LORA_TARGETS, batch, tiny
 from torch import nn
+from typing_extensions import override
 
 from adapters_mtl import AdapterModel, LoraConfig
 from adapters_mtl.core.module_paths import PEFT_PREFIX
@@ -80,6 +81,7 @@ class ScaleMethod(Method):
         self.slot: dict[str, int] = {}
         self.paths: dict[str, list[str]] = {}
 
+    @override
     def add(self, name, config) -> None:
         # a Linear another method wrapped (kept as its base_layer) is named by the wrapper's path; the toy
         # wraps the outermost module there, so its scaling always applies to the whole layer output
@@ -104,15 +106,18 @@ class ScaleMethod(Method):
             layer.slots[slot] = name
         self.slot[name], self.paths[name] = slot, paths
 
+    @override
     def remove(self, name) -> None:
         slot = self.slot.pop(name)
         for path in self.paths.pop(name):
             del self.layers[path].vectors[name]
             del self.layers[path].slots[slot]
 
+    @override
     def adapter_params(self, name):
         return {f"{p}.scale_vector": self.layers[p].vectors[name] for p in self.paths[name]}
 
+    @override
     def selection(self, names):
         stacks = [[n for n in (e if isinstance(e, tuple) else (e,)) if n in self.slot] for e in names]
         depth = max((len(s) for s in stacks), default=0)
@@ -120,22 +125,32 @@ class ScaleMethod(Method):
         levels = [lv[0] if len(set(lv)) == 1 else lv for lv in levels]
         return 0 if not levels else (levels[0] if depth == 1 else tuple(levels))
 
+    @override
     def owns_parameter(self, qualified_name, parameter) -> bool:
         return ".vectors." in qualified_name
 
+    @override
     @classmethod
     def owns_peft_key(cls, key) -> bool:
         return key.endswith(".ia3_l")
 
+    @override
     @classmethod
     def check_peft_tensors(cls, tensors):
-        return [f"{k}: expected <module>.ia3_l of shape (out, 1)" for k, t in tensors.items()
-                if not k.endswith(".ia3_l") or t.dim() != 2 or t.shape[1] != 1]  # fmt: skip
+        return [
+            f"{k}: expected <module>.ia3_l of shape (out, 1)"
+            for k, t in tensors.items()
+            if not k.endswith(".ia3_l") or t.dim() != 2 or t.shape[1] != 1
+        ]
 
+    @override
     def peft_state(self, name):
-        return {f"{PEFT_PREFIX}{p}.ia3_l": self.layers[p].vectors[name].detach().reshape(-1, 1).clone()
-                for p in self.paths[name]}  # fmt: skip
+        return {
+            f"{PEFT_PREFIX}{p}.ia3_l": self.layers[p].vectors[name].detach().reshape(-1, 1).clone()
+            for p in self.paths[name]
+        }
 
+    @override
     @torch.no_grad()
     def load_peft_state(self, name, state, key_maps):
         mine = {p: self.layers[p].vectors[name] for p in self.paths[name]}
@@ -180,7 +195,8 @@ def test_the_toy_method_is_not_in_the_package(scale_method):
     assert get_method("scale") is scale_method
 
 
-def test_routed_rows_equal_each_adapter_alone_and_stacks(scale_method):
+@pytest.mark.usefixtures("scale_method")
+def test_routed_rows_equal_each_adapter_alone_and_stacks():
     model = _model()
     x = batch(6, 7, pad="right")
     rows = ["s1", None, "lora", "s2", ("lora", "s1"), "both"]
@@ -198,7 +214,8 @@ def test_routed_rows_equal_each_adapter_alone_and_stacks(scale_method):
         )
 
 
-def test_save_load_bit_exact_and_peft_reads_it(scale_method, tmp_path):
+@pytest.mark.usefixtures("scale_method")
+def test_save_load_bit_exact_and_peft_reads_it(tmp_path):
     model = _model()
     x = batch(3, 6)
     for name in ("s1", "both"):
@@ -217,7 +234,8 @@ def test_save_load_bit_exact_and_peft_reads_it(scale_method, tmp_path):
     torch.testing.assert_close(theirs, _run(model, x, "s1"), atol=1e-5, rtol=0)
 
 
-def test_registry_publish_load_and_composer_use(scale_method, tmp_path):
+@pytest.mark.usefixtures("scale_method")
+def test_registry_publish_load_and_composer_use(tmp_path):
     model = _model()
     registry = AdapterRegistry(tmp_path / "reg")
     ref = registry.publish(save_adapter(model, "s2", tmp_path / "s2"))
@@ -231,7 +249,8 @@ def test_registry_publish_load_and_composer_use(scale_method, tmp_path):
         )
 
 
-def test_merging_is_refused_clearly(scale_method):
+@pytest.mark.usefixtures("scale_method")
+def test_merging_is_refused_clearly():
     model = _model()
     assert not model.can_merge("s1") and model.can_merge("lora") and not model.can_merge("both")
     with pytest.raises(ValueError, match="no part that is a weight update"):
