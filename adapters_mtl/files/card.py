@@ -7,8 +7,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..core.config import HeadConfig, validate_name
 from .safe_read import (
@@ -67,7 +70,7 @@ def library_version() -> str:
     return __version__
 
 
-def config_dict(cfg) -> dict:
+def config_dict(cfg: Any) -> dict[str, Any]:
 
     out = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "method"}
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
@@ -164,7 +167,7 @@ def card_head(card: dict, where: str) -> HeadConfig | None:
         raise AdapterFileError(f"{where}: the card's head is not valid: {e}") from e
 
 
-def read_card(directory) -> dict | None:
+def read_card(directory: str | os.PathLike[str]) -> dict | None:
     """The checked adapter card of a folder, or None for a plain PEFT folder (no card)."""
 
     root = Path(directory)
@@ -172,7 +175,9 @@ def read_card(directory) -> dict | None:
     return None if data is None else parse_card(data, str(root / CARD))
 
 
-def check_files(card: dict, read, present: list[str], where: str) -> dict[str, bytes]:
+def check_files(
+    card: dict, read: Callable[[str], bytes | None], present: list[str], where: str
+) -> dict[str, bytes]:
     """Check the files a card lists against their recorded sha256, whatever store holds them.
 
     Args:
@@ -204,7 +209,7 @@ def check_files(card: dict, read, present: list[str], where: str) -> dict[str, b
     return blobs
 
 
-def verify_files(directory, card: dict) -> dict[str, bytes]:
+def verify_files(directory: str | os.PathLike[str], card: dict) -> dict[str, bytes]:
     """:func:`check_files` for a local folder (no symlink is followed)."""
     root = Path(directory)
     present = [p.relative_to(root).as_posix() for p in root.rglob("*.safetensors")]

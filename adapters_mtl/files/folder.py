@@ -90,14 +90,14 @@ def _peft_config(model: AdapterModel, name: str, cfg: Any) -> Any:
 def save_adapter(
     model: AdapterModel,
     name: str,
-    directory,
+    directory: str | os.PathLike[str],
     *,
     task: str | None = None,
     metrics: dict | None = None,
     recipe: dict | None = None,
     description: str | None = None,
     overwrite: bool = False,
-):
+) -> Path:
     """Write ``name`` as a PEFT-loadable folder with our adapter card (atomically: temp dir, then rename).
 
     Args:
@@ -162,11 +162,13 @@ def save_adapter(
             "library": f"adapters_mtl {library_version()}",
             "files": {},
         }
+        listed: dict[str, str] = {}
         for path in sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != CARD):
             if path.name == "README.md":
                 path.unlink()  # PEFT's template card; ours replaces it below
                 continue
-            card["files"][path.relative_to(tmp).as_posix()] = sha256_file(path)
+            listed[path.relative_to(tmp).as_posix()] = sha256_file(path)
+        card["files"] = listed
         (tmp / CARD).write_text(json.dumps(card, indent=2, sort_keys=True))
         (tmp / "README.md").write_text(readme_for_card(card))
         if target.exists():
@@ -240,7 +242,7 @@ def _native_config(peft_cfg: Any, where: str) -> Any:
         raise AdapterFileError(f"{where}: {e}") from e
 
 
-def read_adapter(directory) -> AdapterFolder:
+def read_adapter(directory: str | os.PathLike[str]) -> AdapterFolder:
     """Read and check an adapter folder (ours or PEFT's LoRA / prefix) without touching any model.
 
     Checked: the card (a JSON object with typed fields, safe ``files`` paths, a valid head), every listed
@@ -259,7 +261,7 @@ def read_adapter(directory) -> AdapterFolder:
         )
     card_bytes = read_regular(root, CARD, limit=MAX_CARD_BYTES)
     card = None if card_bytes is None else parse_card(card_bytes, str(root / CARD))
-    if card is not None:
+    if card is not None and card_bytes is not None:
         files = verify_files(root, card)
         files[CARD] = card_bytes  # the exact bytes checked: publishing copies these, never a re-read
         missing = [f for f in (CONFIG, WEIGHTS) if f not in files]
@@ -342,7 +344,13 @@ def read_adapter(directory) -> AdapterFolder:
     return AdapterFolder(root, card, parts, head, head_tensors, files, peft_head=bool(peft_heads))
 
 
-def load_adapter(model: AdapterModel, directory, name: str | None = None, *, check_base: bool = True) -> str:
+def load_adapter(
+    model: AdapterModel,
+    directory: str | os.PathLike[str],
+    name: str | None = None,
+    *,
+    check_base: bool = True,
+) -> str:
     """Attach the adapter stored in ``directory`` (ours or any PEFT LoRA / prefix folder).
 
     A PEFT classifier adapter (task_type SEQ_CLS / TOKEN_CLS: BERT, RoBERTa/XLM-R, DistilBERT, decoders'
@@ -407,7 +415,9 @@ def load_adapter(model: AdapterModel, directory, name: str | None = None, *, che
         root,
     )
     configs = [model.method(p.config.method).loading_config(p.config) for p in folder.parts]
-    head = complete_peft_head(model, folder.head, root) if folder.peft_head else folder.head
+    head = folder.head
+    if folder.peft_head and head is not None:
+        head = complete_peft_head(model, head, root)
     try:
         model.add_adapter(name, configs, head=head, trainable=False)
     except (TypeError, ValueError) as e:

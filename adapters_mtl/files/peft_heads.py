@@ -5,7 +5,9 @@ folder PEFT makes for a Hugging Face ``*ForSequenceClassification`` / ``*ForToke
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -42,7 +44,9 @@ _ROBERTA_HEAD_TYPES = (
 _PEFT_HEAD_KINDS = {"SEQ_CLS": "seq_cls", "TOKEN_CLS": "token_cls"}
 
 
-def split_peft_head(tensors: dict[str, torch.Tensor], peft_cfg, where: str):
+def split_peft_head(
+    tensors: dict[str, torch.Tensor], peft_cfg: Any, where: str
+) -> tuple[dict[str, torch.Tensor], HeadConfig | None, dict[str, torch.Tensor]]:
     """Take a PEFT classifier (``modules_to_save``) out of an adapter's tensors.
 
     Returns:
@@ -147,7 +151,7 @@ def complete_peft_head(model: AdapterModel, head: HeadConfig, where: Path) -> He
         head,
         kind="regression" if regression else head.kind,
         dropout=dropout,
-        label_names=tuple(labels) if named else None,
+        label_names=tuple(str(n) for n in labels) if named else None,
     )
 
 
@@ -159,7 +163,7 @@ _EXPORT_HEADS = {
 
 
 def export_peft_classifier(
-    model: AdapterModel, name: str, directory, *, base_model: str | None = None
+    model: AdapterModel, name: str, directory: str | os.PathLike[str], *, base_model: str | None = None
 ) -> Path:
     """Write LoRA adapter ``name`` with its head as the folder PEFT makes for ``task_type="SEQ_CLS"`` /
     ``"TOKEN_CLS"``: LoRA keys under the task model's backbone prefix (``bert.``, ``roberta.``, ``model.``)

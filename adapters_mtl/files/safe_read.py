@@ -110,7 +110,7 @@ def read_regular(root: Path, rel: str, limit: int | None = None) -> bytes | None
             os.close(fd)
 
 
-def sha256_file(path) -> str:
+def sha256_file(path: str | os.PathLike[str]) -> str:
 
     h = hashlib.sha256()
     with open(path, "rb") as fh:
