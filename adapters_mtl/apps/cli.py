@@ -5,6 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..core.model import AdapterModel
+    from ..registry import AdapterRegistry
+    from ..serving.composer import Composer
 
 __all__ = ["main"]
 
@@ -47,21 +54,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--json", action="store_true", help="print the results as JSON")
     again = train.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="continue the run in train.output_dir from its checkpoint (same recipe and overrides)")  # fmt: skip
-    again.add_argument("--overwrite", action="store_true",
-                       help="start again when train.output_dir already holds a run (replaces its metrics.csv, "
-                       "checkpoint/, adapters/ and results.json); without --resume or --overwrite such a run is kept "
-                       "and training refuses to start")  # fmt: skip
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in train.output_dir from its checkpoint (same recipe and overrides)",
+    )
+    again.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again when train.output_dir already holds a run (replaces its metrics.csv, checkpoint/, "
+        "adapters/ and results.json); without --resume or --overwrite such a run is kept and training "
+        "refuses to start",
+    )
     _serving_parsers(sub)
     _registry_parser(sub)
     return parser
 
 
-def _serving_parsers(sub) -> None:
-    def common(p, base: str) -> None:
-        p.add_argument("--adapter", "-a", action="append", required=True, metavar="REF",
-                       help="registry adapter NAME, NAME@VERSION or NAME@ALIAS (repeatable)")  # fmt: skip
+def _serving_parsers(sub: argparse._SubParsersAction) -> None:
+    def common(p: argparse.ArgumentParser, base: str) -> None:
+        p.add_argument(
+            "--adapter",
+            "-a",
+            action="append",
+            required=True,
+            metavar="REF",
+            help="registry adapter NAME, NAME@VERSION or NAME@ALIAS (repeatable)",
+        )
         p.add_argument(
             "--base", default=base, help=f"'minilm', 'smollm2' or a local model folder (default {base})"
         )
@@ -99,7 +118,12 @@ def _serving_parsers(sub) -> None:
     merge.add_argument(
         "--weights", "-w", type=float, nargs="+", help="one weight per --adapter (default 1 each)"
     )
-    merge.add_argument("--method", default="linear", choices=["cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune"])  # fmt: skip
+    merge.add_argument(  # a copy of serving.merging's MERGE_METHODS (--help imports no torch; a test compares)
+        "--method",
+        default="cat",
+        choices=["cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune"],
+        help="merge method (default: cat, the exact one: the result equals the weighted stack)",
+    )
     merge.add_argument(
         "--density", type=float, default=1.0, help="share of values kept (ties, dare_*, magnitude_prune)"
     )
@@ -129,21 +153,26 @@ def _serving_parsers(sub) -> None:
     common(comp, "minilm")
 
 
-def _registry_parser(sub) -> None:
+def _registry_parser(sub: argparse._SubParsersAction) -> None:
     reg = sub.add_parser(
         "registry",
         help="publish, list, show, verify and remove versioned adapters",
         description="Manage an adapter registry: a local folder or an fsspec URL holding versioned adapter "
         "folders, indexed by a SQLite catalog. References are NAME (latest), NAME@VERSION or NAME@ALIAS.",
     )
-    reg.add_argument("--root", default=None, help="registry folder or fsspec URL (default: $ADAPTERS_MTL_REGISTRY, "
-                     "else ~/.cache/adapters_mtl/registry)")  # fmt: skip
+    reg.add_argument(
+        "--root",
+        default=None,
+        help="registry folder or fsspec URL "
+        "(default: $ADAPTERS_MTL_REGISTRY, else ~/.cache/adapters_mtl/registry)",
+    )
     reg.add_argument("--json", action="store_true", help="machine-readable JSON output")
     cmds = reg.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
     ls = cmds.add_parser("list", help="list published versions (filters combine)")
     ls.add_argument("--task")
     ls.add_argument("--base", help="base model id or fingerprint")
-    ls.add_argument("--method", choices=["lora", "prefix"])
+    # checked against the registered methods when the command runs (--help stays free of torch imports)
+    ls.add_argument("--method", help="an adapter method, e.g. lora or prefix")
     ls.add_argument("--tag")
     show = cmds.add_parser("show", help="show one version's card, tags and aliases")
     show.add_argument("ref", help="NAME, NAME@VERSION or NAME@ALIAS")
@@ -190,7 +219,7 @@ def _registry_parser(sub) -> None:
     )
 
 
-def _load_base(spec: str):
+def _load_base(spec: str) -> AdapterModel:
     """The ``--base`` model, wrapped, without its tokenizer (importing adapters tokenizes nothing)."""
     from ..core.model import AdapterModel
     from ..data.bases import load_base
@@ -198,7 +227,7 @@ def _load_base(spec: str):
     return AdapterModel(load_base(spec, tokenizer=False)[0])
 
 
-def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+def _table(title: str, columns: list[str], rows: Sequence[Sequence[object]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -210,8 +239,13 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     Console().print(table)
 
 
-def _registry(args) -> int:
+def _registry(args: argparse.Namespace) -> int:
+    from ..methods import METHODS
     from ..registry import AdapterRegistry
+
+    if getattr(args, "method", None) is not None and args.method not in METHODS:
+        print(f"error: --method {args.method!r}: expected one of {sorted(METHODS)}", file=sys.stderr)
+        return 2
 
     reg = AdapterRegistry(args.root)
     cmd = args.registry_command
@@ -220,9 +254,18 @@ def _registry(args) -> int:
         records = reg.list(task=args.task, base=args.base, method=args.method, tag=args.tag)
         if not args.json:
             aliases = {name: reg.aliases(name) for name in {r.name for r in records}}
-            rows = [[r.ref, r.task, "+".join(r.methods), r.base_model or "-", ", ".join(r.tags) or "-",
-                     ", ".join(a for a, v in aliases[r.name].items() if v == r.version) or "-", r.created]
-                    for r in records]  # fmt: skip
+            rows = [
+                [
+                    r.ref,
+                    r.task,
+                    "+".join(r.methods),
+                    r.base_model or "-",
+                    ", ".join(r.tags) or "-",
+                    ", ".join(a for a, v in aliases[r.name].items() if v == r.version) or "-",
+                    r.created,
+                ]
+                for r in records
+            ]
             _table(
                 f"adapters in {reg.url}",
                 ["ref", "task", "methods", "base", "tags", "aliases", "published"],
@@ -270,7 +313,7 @@ def _registry(args) -> int:
     return 0
 
 
-def _train(args) -> int:
+def _train(args: argparse.Namespace) -> int:
     import shlex
 
     from ..training import TrainingInterrupted
@@ -282,12 +325,17 @@ def _train(args) -> int:
         )
     except TrainingInterrupted as e:
         again = shlex.join(["adapters-mtl", "train", args.recipe, *args.overrides, "--resume"])
-        print(f"adapters-mtl: interrupted after step {e.step}; checkpoint in {e.checkpoint}; continue with: {again}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"adapters-mtl: interrupted after step {e.step}; checkpoint in {e.checkpoint}; "
+            f"continue with: {again}",
+            file=sys.stderr,
+        )
         return 130
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C
-        print("adapters-mtl: interrupted; the last checkpoint (if any) is in train.output_dir/checkpoint",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "adapters-mtl: interrupted; the last checkpoint (if any) is in train.output_dir/checkpoint",
+            file=sys.stderr,
+        )
         return 130
     except RunError as e:
         print(f"adapters-mtl: error: {e}", file=sys.stderr)
@@ -296,10 +344,13 @@ def _train(args) -> int:
         print(json.dumps(summary, indent=2, default=float))
         return 0
     if "test_accuracy" in summary:  # a compose recipe
-        rows = [[k, f"{v:.3f}", f"{summary['weights'].get(k, float('nan')):+.2f}" if k in summary["weights"] else "-"]
-                for k, v in summary["test_accuracy"].items()]  # fmt: skip
-        _table(f"few-shot composition for {summary['task']} ({summary['shots']} examples): test accuracy",
-               ["adapter / mix", "accuracy", "weight"], rows)  # fmt: skip
+        weights = summary["weights"]
+        rows = [
+            [k, f"{v:.3f}", f"{weights[k]:+.2f}" if k in weights else "-"]
+            for k, v in summary["test_accuracy"].items()
+        ]
+        title = f"few-shot composition for {summary['task']} ({summary['shots']} examples): test accuracy"
+        _table(title, ["adapter / mix", "accuracy", "weight"], rows)
         return 0
     rows = []
     for task, metrics in summary["test"].items():
@@ -307,11 +358,11 @@ def _train(args) -> int:
             f"{k}={v:.3f}" for k, v in metrics.items() if k != "score" and not isinstance(v, dict)
         )
         rows.append([task, shown, summary["published"].get(task, "-")])
-    _table(f"test results after {summary['steps']} steps ({summary['output_dir']})",
-           ["task", "test metrics", "published"], rows)  # fmt: skip
+    title = f"test results after {summary['steps']} steps ({summary['output_dir']})"
+    _table(title, ["task", "test metrics", "published"], rows)
     if summary.get("samples"):
-        _table("sample generations (one routed batch)", ["task", "target", "output"],
-               [[r["task"], r["target"], r["output"]] for r in summary["samples"]])  # fmt: skip
+        samples = [[r["task"], r["target"], r["output"]] for r in summary["samples"]]
+        _table("sample generations (one routed batch)", ["task", "target", "output"], samples)
     if summary.get("not_published"):
         print(f"not published: {summary['not_published']}")
     return 0
@@ -320,7 +371,7 @@ def _train(args) -> int:
 def _texts(items: list[str]) -> list[str]:
     from pathlib import Path
 
-    out = []
+    out: list[str] = []
     for item in items:
         path = Path(item)
         if path.suffix == ".txt" and path.is_file():
@@ -330,40 +381,52 @@ def _texts(items: list[str]) -> list[str]:
     return out
 
 
-def _serve(args) -> int:
+def _serve(args: argparse.Namespace) -> int:
     from ..data.bases import load_base
+    from ..registry import AdapterRegistry
     from ..serving.composer import Composer
 
     # merge tokenizes nothing: a --base folder without tokenizer files is enough for it
     base, tokenizer = load_base(args.base, tokenizer=args.command != "merge")
-    composer = Composer(base, registry=args.registry or "default", tokenizer=tokenizer)
+    registry = AdapterRegistry(args.registry)  # None: the user registry
+    composer = Composer(base, registry=registry, tokenizer=tokenizer)
     if args.command == "merge":
         composer.merge(
             args.adapter, args.weights, args.method, into="merged", density=args.density, rank=args.rank
         )
-        sources = [composer.registry.resolve(a).ref for a in args.adapter]
-        ref = composer.registry.publish(
-            composer.model, args.name, adapter="merged", task=args.name,
-            description=f"{args.method} merge of {sources} with weights {args.weights or [1.0] * len(sources)}",
-        )  # fmt: skip
+        sources = [registry.resolve(a).ref for a in args.adapter]
+        weights = args.weights or [1.0] * len(sources)
+        ref = registry.publish(
+            composer.model,
+            args.name,
+            adapter="merged",
+            task=args.name,
+            description=f"{args.method} merge of {sources} with weights {weights}",
+        )
         print(json.dumps({"ref": ref, "sources": sources}) if args.json else f"published {ref}")
         return 0
     if args.command == "compose":
-        return _compose(composer, args)
+        return _compose(composer, registry, args)
     texts = _texts(args.texts)
     rows = [(t, a) for t in texts for a in args.adapter]
     if args.command == "predict":
         preds = composer.predict([t for t, _ in rows], adapters=[a for _, a in rows])
-        out = [{"text": t, "adapter": p.adapter, "label": p.label, "score": p.score} for (t, _), p in zip(rows, preds, strict=True)]  # fmt: skip
+        out = [
+            {"text": t, "adapter": p.adapter, "label": p.label, "score": p.score}
+            for (t, _), p in zip(rows, preds, strict=True)
+        ]
         columns = ["text", "adapter", "label", "score"]
     else:
-        gens = composer.generate([t for t, _ in rows], adapters=[a for _, a in rows], max_new_tokens=args.max_new_tokens)  # fmt: skip
+        gens = composer.generate(
+            [t for t, _ in rows], adapters=[a for _, a in rows], max_new_tokens=args.max_new_tokens
+        )
         out = [{"prompt": t, "adapter": a, "output": g} for (t, a), g in zip(rows, gens, strict=True)]
         columns = ["prompt", "adapter", "output"]
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        _table(args.command, columns, [[f"{r[c]:.3f}" if isinstance(r[c], float) else r[c] for c in columns] for r in out])  # fmt: skip
+        cells = [[f"{r[c]:.3f}" if isinstance(r[c], float) else r[c] for c in columns] for r in out]
+        _table(args.command, columns, cells)
     return 0
 
 
@@ -377,14 +440,23 @@ def _csv_examples(path: str) -> tuple[list[str], list[str]]:
     return [r["text"] for r in rows], [r["label"] for r in rows]
 
 
-def _compose(composer, args) -> int:
+def _compose(composer: Composer, registry: AdapterRegistry, args: argparse.Namespace) -> int:
     from ..serving.lorahub import compose, compose_zero_shot
 
     if args.examples:
         texts, labels = _csv_examples(args.examples)
         ev = _csv_examples(args.eval) if args.eval else (None, None)
-        result = compose(composer, args.adapter, texts, labels, label_names=args.labels, budget=args.budget,
-                         seed=args.seed, eval_texts=ev[0], eval_labels=ev[1])  # fmt: skip
+        result = compose(
+            composer,
+            args.adapter,
+            texts,
+            labels,
+            label_names=args.labels,
+            budget=args.budget,
+            seed=args.seed,
+            eval_texts=ev[0],
+            eval_labels=ev[1],
+        )
         how = f"few-shot composition ({len(texts)} examples)"
     elif args.description and args.labels:
         result = compose_zero_shot(composer, args.adapter, args.description, args.labels)
@@ -393,14 +465,19 @@ def _compose(composer, args) -> int:
         raise ValueError(
             "compose needs --examples FILE.csv (few-shot) or --description TEXT --labels ... (zero-shot)"
         )
-    ref = composer.registry.publish(composer.model, args.name, adapter=result.adapter, task=args.name,
-                                    description=f"{how} of {result.weights}")  # fmt: skip
+    ref = registry.publish(
+        composer.model,
+        args.name,
+        adapter=result.adapter,
+        task=args.name,
+        description=f"{how} of {result.weights}",
+    )
     out = {"ref": ref, "weights": result.weights, "accuracy": result.accuracy}
     print(json.dumps(out, indent=2) if args.json else _plain(out))
     return 0
 
 
-def _plain(out) -> str:
+def _plain(out: object) -> str:
     if isinstance(out, dict):
         return "\n".join(f"{k}: {v}" for k, v in out.items())
     return str(out)

@@ -59,8 +59,11 @@ def test_registry_cli_import_peft(tmp_path, capsys):
     peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["query"])).save_pretrained(
         str(tmp_path / "peft")
     )
-    code, out, err = run(capsys, "registry", "--root", str(tmp_path / "reg"), "--json", "import-peft",
-                         str(tmp_path / "peft"), "--name", "imported", "--base", str(tmp_path / "base"))  # fmt: skip
+    registry = ["registry", "--root", str(tmp_path / "reg"), "--json"]
+    peft_folder, base_folder = str(tmp_path / "peft"), str(tmp_path / "base")
+    code, out, err = run(
+        capsys, *registry, "import-peft", peft_folder, "--name", "imported", "--base", base_folder
+    )
     assert code == 0, err
     assert json.loads(out) == {"ref": "imported@1"}
 
@@ -70,3 +73,15 @@ def test_help_texts(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 0 and "usage: adapters-mtl" in capsys.readouterr().out
+
+
+def test_merge_choices_and_default_match_the_library():
+    from adapters_mtl.apps.cli import _parser
+    from adapters_mtl.serving.merging import DEFAULT_MERGE_METHOD, MERGE_METHODS
+
+    args = ["merge", "-a", "a", "-a", "b", "--name", "m"]
+    assert _parser().parse_args(args).method == DEFAULT_MERGE_METHOD
+    for method in MERGE_METHODS:
+        assert _parser().parse_args([*args, "--method", method]).method == method
+    with pytest.raises(SystemExit):
+        _parser().parse_args([*args, "--method", "mean"])
