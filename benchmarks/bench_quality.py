@@ -19,8 +19,12 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from adapters_mtl.data.tasks import TaskSpec
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 RUNS = [  # (label, recipe, extra overrides)
@@ -34,7 +38,7 @@ RUNS = [  # (label, recipe, extra overrides)
 
 
 @torch.no_grad()
-def base_zero_shot(task) -> dict:
+def base_zero_shot(task: TaskSpec) -> dict:
     """Accuracy of the bare MiniLM with label-name centroids (mean-pooled embeddings), no training."""
     from adapters_mtl.core.heads import pool
     from adapters_mtl.data.bases import load_minilm
@@ -43,7 +47,7 @@ def base_zero_shot(task) -> dict:
     model, tok = load_minilm()
     data = load_task(task)
 
-    def embed(texts):
+    def embed(texts: list[str]) -> torch.Tensor:
         out = []
         for i in range(0, len(texts), 64):
             enc = tok(
@@ -78,8 +82,13 @@ def main(argv: list[str] | None = None) -> None:
         out = args.out / label.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "").replace(
             "+", ""
         )
-        overrides = [f"train.steps={args.steps}", f"train.eval_every={max(args.steps // 4, 1)}",
-                     f"train.output_dir={out}", f"registry={registry}", *extra]  # fmt: skip
+        overrides = [
+            f"train.steps={args.steps}",
+            f"train.eval_every={max(args.steps // 4, 1)}",
+            f"train.output_dir={out}",
+            f"registry={registry}",
+            *extra,
+        ]
         t0 = time.perf_counter()
         summary = run_recipe(load_recipe(RECIPES / recipe, overrides), overwrite=True)
         seconds = time.perf_counter() - t0
@@ -89,17 +98,35 @@ def main(argv: list[str] | None = None) -> None:
 
             rec = AdapterRegistry(registry).resolve(ref)
             sizes[task] = sum(f.stat().st_size for f in Path(rec.path).rglob("*") if f.is_file()) / 1024
-        rows.append({"run": label, "recipe": recipe, "seconds": seconds, "trainable_params": summary["trainable_params"],
-                     "base_params": summary["base_params"], "published": summary["published"], "kib": sizes,
-                     "test": {t: {k: v for k, v in m.items() if k in ("accuracy", "macro_f1")} for t, m in summary["test"].items()}})  # fmt: skip
+        rows.append(
+            {
+                "run": label,
+                "recipe": recipe,
+                "seconds": seconds,
+                "trainable_params": summary["trainable_params"],
+                "base_params": summary["base_params"],
+                "published": summary["published"],
+                "kib": sizes,
+                "test": {
+                    t: {k: v for k, v in m.items() if k in ("accuracy", "macro_f1")}
+                    for t, m in summary["test"].items()
+                },
+            }
+        )
         print(f"  {label}: {rows[-1]['test']} ({seconds:.0f} s)", flush=True)
     spec = load_recipe(RECIPES / "single_task_lora.yaml")
     zero = {t.name: base_zero_shot(t) for t in spec["tasks"]}
     rows.append({"run": "base zero-shot (label-name centroids)", "test": zero, "trainable_params": 0})
     compose = None
     if not args.only or "compose" in args.only:
-        compose_recipe = load_recipe(RECIPES / "compose_unseen.yaml", [f"registry={registry}", f"compose.output_dir={args.out / 'compose'}",
-                                     "compose.adapters=[news@1, tone@1]"])  # fmt: skip
+        compose_recipe = load_recipe(
+            RECIPES / "compose_unseen.yaml",
+            [
+                f"registry={registry}",
+                f"compose.output_dir={args.out / 'compose'}",
+                "compose.adapters=[news@1, tone@1]",
+            ],
+        )
         compose = run_recipe(compose_recipe, overwrite=True)
         print(f"  compose: {compose['test_accuracy']} weights {compose['weights']}", flush=True)
     print(f"\n## Test results, real MiniLM-L6, {args.steps} steps of 16 rows per training run\n")
@@ -116,8 +143,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         kib = " / ".join(f"{v:.0f}" for v in r.get("kib", {}).values()) or "-"
         secs = f"{r['seconds']:.0f}" if "seconds" in r else "-"
-        print(f"| {r['run']} | {t['news']['accuracy']:.3f} | {t['news']['macro_f1']:.3f} | {t['tone']['accuracy']:.3f} | "
-              f"{t['tone']['macro_f1']:.3f} | {share} | {kib} | {secs} |")  # fmt: skip
+        print(
+            f"| {r['run']} | {t['news']['accuracy']:.3f} | {t['news']['macro_f1']:.3f} | "
+            f"{t['tone']['accuracy']:.3f} | {t['tone']['macro_f1']:.3f} | {share} | {kib} | {secs} |"
+        )
     if compose is not None:
         print(f"\n## Few-shot composition for tweet polarity ({compose['shots']} examples), test accuracy\n")
         print(
@@ -127,10 +156,20 @@ def main(argv: list[str] | None = None) -> None:
         )
         print("|---:|---:|" + "---:|" * (len(compose["test_accuracy"]) - 2))
         acc = compose["test_accuracy"]
-        print(f"| {acc['composed']:.3f} | {acc['base']:.3f} | " + " | ".join(f"{v:.3f}" for k, v in acc.items() if k not in ("composed", "base")) + " |")  # fmt: skip
+        print(
+            f"| {acc['composed']:.3f} | {acc['base']:.3f} | "
+            + " | ".join(f"{v:.3f}" for k, v in acc.items() if k not in ("composed", "base"))
+            + " |"
+        )
         print(f"\nweights: {compose['weights']}")
-    result = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-              "threads": torch.get_num_threads(), "steps": args.steps, "runs": rows, "compose": compose}  # fmt: skip
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "runs": rows,
+        "compose": compose,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     path = Path(__file__).parent / "results" / "bench_quality.json"
     path.write_text(json.dumps(result, indent=2, default=float))

@@ -26,18 +26,33 @@ from adapters_mtl.files.folder import load_adapter
 from adapters_mtl.registry import AdapterRegistry
 
 
-def minilm_shape():
+def minilm_shape() -> tuple[torch.nn.Module, tuple[str, ...]]:
     from transformers import BertConfig, BertModel
 
-    return BertModel(BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                                intermediate_size=1536, attn_implementation="sdpa")).eval(), ("query", "value")  # fmt: skip
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        attn_implementation="sdpa",
+    )
+    return BertModel(cfg).eval(), ("query", "value")
 
 
-def smollm2_shape():
+def smollm2_shape() -> tuple[torch.nn.Module, tuple[str, ...]]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, attn_implementation="sdpa")  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
     return LlamaForCausalLM(cfg).eval(), ("q_proj", "v_proj")
 
 
@@ -51,7 +66,9 @@ def median_ms(fn: Callable[[int], object], repeat: int) -> float:
     return statistics.median(times)
 
 
-def bench(label: str, build, repeat: int, tmp: Path) -> dict:
+def bench(
+    label: str, build: Callable[[], tuple[torch.nn.Module, tuple[str, ...]]], repeat: int, tmp: Path
+) -> dict:
     import peft
     from safetensors.torch import load_file
 
@@ -60,10 +77,10 @@ def bench(label: str, build, repeat: int, tmp: Path) -> dict:
     model = AdapterModel(copy.deepcopy(base)).eval()
     model.add_adapter("task", LoraConfig(r=8, alpha=16, targets=targets, init="random"))
     registry = AdapterRegistry(tmp / f"reg-{label}")
-    publish_ms = median_ms(lambda i: registry.publish(model, adapter="task"), repeat)
+    publish_ms = median_ms(lambda _i: registry.publish(model, adapter="task"), repeat)
     folder = registry.fetch("task@1")
     weights = folder / "adapter_model.safetensors"
-    raw_ms = median_ms(lambda i: load_file(str(weights)), repeat)
+    raw_ms = median_ms(lambda _i: load_file(str(weights)), repeat)
 
     target = AdapterModel(copy.deepcopy(base)).eval()
 
@@ -111,8 +128,11 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['file_kib']:.0f} | {r['publish_ms']:.1f} | {r['raw_read_ms']:.2f} | {r['ours_load_ms']:.1f} | "
-              f"{r['registry_load_ms']:.1f} | {r['peft_load_adapter_ms']:.1f} | {r['ours_vs_raw']:.1f}x | {r['ours_vs_peft']:.2f}x |")  # fmt: skip
+        print(
+            f"| {r['shape']} | {r['file_kib']:.0f} | {r['publish_ms']:.1f} | {r['raw_read_ms']:.2f} | "
+            f"{r['ours_load_ms']:.1f} | {r['registry_load_ms']:.1f} | {r['peft_load_adapter_ms']:.1f} | "
+            f"{r['ours_vs_raw']:.1f}x | {r['ours_vs_peft']:.2f}x |"
+        )
     result = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

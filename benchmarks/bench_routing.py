@@ -285,7 +285,7 @@ def section_mixed(ours: AdapterModel, peft_m: Any, plan: Plan) -> list[dict]:
         for shape, B, T, run_ours, run_peft in shapes:
             times = rounds(mixed_variants(ours, B, run_ours, run_peft), rounds_for(plan, T))
             RAW[f"mixed {shape}"] = times
-            ours._route.strategy = "gather"  # the variants switch it; leave the default behind
+            ours.routing_strategy = "gather"  # the variants switch it; leave the default behind
             rows += mixed_rows(shape, B, B * T, times)
             for r in rows[-len(MIXED_COUNTS) :]:
                 print(
@@ -306,7 +306,7 @@ def mixed_variants(ours: AdapterModel, B: int, run_ours: Callable, run_peft: Cal
 
     def routed(names: list[str], strategy: str) -> Fn:
         def fn() -> object:
-            ours._route.strategy = strategy
+            ours.routing_strategy = strategy
             return run_ours(adapters=names)
 
         return fn
@@ -368,10 +368,10 @@ def parity(ours: AdapterModel, peft_m: Any, n: int) -> dict[str, float]:
     out: dict[str, torch.Tensor] = {}
     try:
         for strategy in ("gather", "group"):
-            ours._route.strategy = strategy
+            ours.routing_strategy = strategy
             out[strategy] = ours(**x, adapters=names, logits_to_keep=1).logits
     finally:
-        ours._route.strategy = "gather"
+        ours.routing_strategy = "gather"
     out["base"] = ours(**x, adapters=None, logits_to_keep=1).logits
     out["peft"] = peft_m(**x, adapter_names=names, logits_to_keep=1).logits
 

@@ -36,11 +36,18 @@ VARIANTS = ("peft single", "ours single", "ours joint-4", "ours shared+4")
 TARGETS = ("query", "value")
 
 
-def minilm_shape():
+def minilm_shape() -> torch.nn.Module:
     from transformers import BertConfig, BertModel
 
-    return BertModel(BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                                intermediate_size=1536, attn_implementation="sdpa"))  # fmt: skip
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        attn_implementation="sdpa",
+    )
+    return BertModel(cfg)
 
 
 def run_variant(variant: str, steps: int, B: int, T: int) -> dict:
@@ -70,7 +77,9 @@ def run_variant(variant: str, steps: int, B: int, T: int) -> dict:
         n = 1 if variant == "ours single" else 4
         tasks = [f"task{i}" for i in range(n)]
         for t in tasks:
-            module.add_adapter(t, LoraConfig(r=8, alpha=16, targets=TARGETS), head=HeadConfig(num_labels=3, pooling="cls"))  # fmt: skip
+            module.add_adapter(
+                t, LoraConfig(r=8, alpha=16, targets=TARGETS), head=HeadConfig(num_labels=3, pooling="cls")
+            )
         if variant == "ours shared+4":
             module.add_adapter("shared", LoraConfig(r=8, alpha=16, targets=TARGETS))
         rows = [tasks[i % n] for i in range(B)]
@@ -133,7 +142,7 @@ def storage_bytes(module: torch.nn.Module) -> int:
     return total
 
 
-def memory_scaling(counts=(1, 4, 16, 64)) -> list[dict]:
+def memory_scaling(counts: tuple[int, ...] = (1, 4, 16, 64)) -> list[dict]:
     from adapters_mtl import AdapterModel, HeadConfig, LoraConfig
 
     torch.manual_seed(0)
@@ -150,8 +159,17 @@ def memory_scaling(counts=(1, 4, 16, 64)) -> list[dict]:
         model.compact()
         total = storage_bytes(model)
         predicted = base_bytes + n * adapter_bytes
-        out.append({"adapters": n, "base_mib": base_bytes / 2**20, "adapter_kib": adapter_bytes / 2**10,
-                    "grown_mib": grown / 2**20, "total_mib": total / 2**20, "predicted_mib": predicted / 2**20, "ratio": total / predicted})  # fmt: skip
+        out.append(
+            {
+                "adapters": n,
+                "base_mib": base_bytes / 2**20,
+                "adapter_kib": adapter_bytes / 2**10,
+                "grown_mib": grown / 2**20,
+                "total_mib": total / 2**20,
+                "predicted_mib": predicted / 2**20,
+                "ratio": total / predicted,
+            }
+        )
     return out
 
 
@@ -172,20 +190,26 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for _ in range(args.repeat):  # variants interleaved, best run kept: machine noise hits all alike
         for variant in VARIANTS:
-            cmd = [sys.executable, __file__, "--variant", variant, "--steps", str(args.steps),
-                   "--batch", str(args.batch), "--seq", str(args.seq)]  # fmt: skip
+            sizes = ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
+            cmd = [sys.executable, __file__, "--variant", variant, *sizes]
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             runs[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
     rows = [max(runs[v], key=lambda r: r["tokens_per_s"]) for v in VARIANTS]
     ref = rows[0]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'}, {torch.get_num_threads()} threads)"  # fmt: skip
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or 'cpu'}, {torch.get_num_threads()} threads)"
+    )
     print(f"\n## Training step, MiniLM-L6 shape, B={args.batch} T={args.seq}, LoRA r=8 q+v, {device}\n")
     print("| variant | tokens/s | × PEFT | step ms | peak memory MiB | trainable params |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         r["vs_peft"] = r["tokens_per_s"] / ref["tokens_per_s"]
-        print(f"| {r['variant']} | {r['tokens_per_s']:.0f} | {r['vs_peft']:.2f} | {r['step_ms']:.1f} | "
-              f"{r['peak_mib']:.0f} | {r['trainable']:,} |")  # fmt: skip
+        print(
+            f"| {r['variant']} | {r['tokens_per_s']:.0f} | {r['vs_peft']:.2f} | {r['step_ms']:.1f} | "
+            f"{r['peak_mib']:.0f} | {r['trainable']:,} |"
+        )
     scaling = memory_scaling()
     print("\n## Parameter memory with N task adapters (+ heads): base + N × adapter?\n")
     print(
@@ -193,11 +217,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for s in scaling:
-        print(f"| {s['adapters']} | {s['base_mib']:.1f} | {s['adapter_kib']:.1f} | {s['grown_mib']:.2f} | {s['total_mib']:.2f} | "
-              f"{s['predicted_mib']:.2f} | {s['ratio']:.3f} |")  # fmt: skip
+        print(
+            f"| {s['adapters']} | {s['base_mib']:.1f} | {s['adapter_kib']:.1f} | {s['grown_mib']:.2f} | "
+            f"{s['total_mib']:.2f} | {s['predicted_mib']:.2f} | {s['ratio']:.3f} |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"date": datetime.date.today().isoformat(), "device": device, "batch": args.batch, "seq": args.seq,
-              "steps": args.steps, "torch": torch.__version__, "steps_table": rows, "memory_scaling": scaling}  # fmt: skip
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "device": device,
+        "batch": args.batch,
+        "seq": args.seq,
+        "steps": args.steps,
+        "torch": torch.__version__,
+        "steps_table": rows,
+        "memory_scaling": scaling,
+    }
     args.out.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from helpers import FAMILIES
 
 
 @pytest.fixture(params=list(FAMILIES))
-def family(request):
+def family(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
 @pytest.fixture
-def clone():
+def clone() -> Callable[[Any], Any]:
     return copy.deepcopy

@@ -5,6 +5,8 @@ Imported as ``from helpers import ...`` (tests/ is on sys.path through tests/con
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from adapters_mtl import LoraConfig, PrefixConfig
@@ -127,6 +129,6 @@ def make_config(method: str, family: str, seed: int) -> LoraConfig | PrefixConfi
 PAD = {"bert": "right", "llama": "left", "gpt2": "left"}
 
 
-def output(out, family):
+def output(out: Any, family: str) -> torch.Tensor:
     """The tensor to compare for a family: hidden states of an encoder, logits of a decoder."""
     return out.last_hidden_state if family == "bert" else out.logits

@@ -30,13 +30,32 @@ def _recipe(steps: int, out: Path, seed: int) -> dict:
         TaskSpec(name="tone", source="tweet_sentiment", limit=1500, max_length=64, seed=seed),
     ]
     lora = LoraConfig(r=8, alpha=16, targets=("query", "value"))
-    train = TrainConfig(steps=steps, batch_size=16, lr=2e-3, batching="mixed", sampling="proportional",
-                        eval_every=max(steps // 4, 1), seed=seed, output_dir=str(out))  # fmt: skip
-    raw = {"base": "minilm", "tasks": [{"name": t.name, "source": t.source, "limit": t.limit} for t in tasks],
-           "adapter": {"lora": {"r": 8, "alpha": 16, "targets": ["query", "value"]}},
-           "train": {"steps": steps, "batching": "mixed"}}  # fmt: skip
-    return {"raw": raw, "base": "minilm", "tasks": tasks, "adapters": {t.name: [lora] for t in tasks},
-            "train": train, "shared": None, "compose": None, "registry": str(out / "registry")}  # fmt: skip
+    train = TrainConfig(
+        steps=steps,
+        batch_size=16,
+        lr=2e-3,
+        batching="mixed",
+        sampling="proportional",
+        eval_every=max(steps // 4, 1),
+        seed=seed,
+        output_dir=str(out),
+    )
+    raw = {  # what the recipe file would say (kept in the adapter cards)
+        "base": "minilm",
+        "tasks": [{"name": t.name, "source": t.source, "limit": t.limit} for t in tasks],
+        "adapter": {"lora": {"r": 8, "alpha": 16, "targets": ["query", "value"]}},
+        "train": {"steps": steps, "batching": "mixed"},
+    }
+    return {
+        "raw": raw,
+        "base": "minilm",
+        "tasks": tasks,
+        "adapters": {t.name: [lora] for t in tasks},
+        "train": train,
+        "shared": None,
+        "compose": None,
+        "registry": str(out / "registry"),
+    }
 
 
 def _folder_kib(path: Path) -> float:
@@ -48,6 +67,7 @@ def run_demo(seed: int = 0, steps: int = 240, out: str | Path = "runs/demo") -> 
     from rich.console import Console
     from rich.table import Table
 
+    from ..data.bases import load_base
     from ..registry import AdapterRegistry
     from ..serving.composer import Composer
     from .recipe import run_recipe
@@ -56,16 +76,17 @@ def run_demo(seed: int = 0, steps: int = 240, out: str | Path = "runs/demo") -> 
     out = Path(out)
     started = time.perf_counter()
     console.rule("[bold]adapters_mtl demo: two LoRA adapters on the real MiniLM-L6 (CPU)")
-    console.print(f"1/3 training [bold]news[/] (BBC topics) and [bold]tone[/] (tweet sentiment) jointly, "
-                  f"{steps} steps of 16 rows, each row routed to its task's adapter")  # fmt: skip
+    console.print(
+        "1/3 training [bold]news[/] (BBC topics) and [bold]tone[/] (tweet sentiment) jointly, "
+        f"{steps} steps of 16 rows, each row routed to its task's adapter"
+    )
     summary = run_recipe(_recipe(steps, out, seed), overwrite=True)  # a demo reruns into the same folder
     registry = AdapterRegistry(out / "registry")
 
     console.print("2/3 serving the published adapters with the composer")
-    composer = Composer("minilm", registry=registry)
-    for ref in summary["published"].values():
-        composer.load(ref)
-    names = [composer.use(r) for r in summary["published"].values()]
+    base, tokenizer = load_base("minilm")
+    composer = Composer(base, registry=registry, tokenizer=tokenizer)
+    names = [composer.load(ref) for ref in summary["published"].values()]  # their names in the model
     swaps = []
     for i in range(2000):
         t0 = time.perf_counter()
@@ -80,8 +101,9 @@ def run_demo(seed: int = 0, steps: int = 240, out: str | Path = "runs/demo") -> 
     for spec in _recipe(steps, out, seed)["tasks"]:
         data = load_task(spec)
         test = data.splits["test"]
+        label_names = data.label_names or ()  # (always set for these classification tasks)
         for i in range(4):
-            rows.append((spec.name, test["text"][i], data.label_names[test["label"][i]]))
+            rows.append((spec.name, test["text"][i], label_names[test["label"][i]]))
     texts, refs = [t for _, t, _ in rows], [summary["published"][n] for n, _, _ in rows]
     mixed = composer.predict(texts, adapters=refs)
     worst = 0.0
@@ -96,7 +118,7 @@ def run_demo(seed: int = 0, steps: int = 240, out: str | Path = "runs/demo") -> 
         table.add_row(pred.adapter, text[:80], f"{pred.label} ({pred.score:.2f}) {mark}", gold)
     console.print(table)
 
-    enc = composer.tokenizer(texts[:4], padding=True, return_tensors="pt")
+    enc = tokenizer(texts[:4], padding=True, return_tensors="pt")
     news = names[0]
     with torch.no_grad():
         unmerged = composer.model(**enc, adapters=news).heads[news].logits
@@ -130,8 +152,15 @@ def run_demo(seed: int = 0, steps: int = 240, out: str | Path = "runs/demo") -> 
         size = _folder_kib(Path(rec.path))
         trainable = sum(p.numel() for p in composer.model.adapter_parameters(composer.load(ref)).values())
         per_task[task] = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "kib": size}
-        results.add_row(task, f"{metrics['accuracy']:.3f}", f"{metrics['macro_f1']:.3f}", f"{trainable:,}",
-                        f"{100 * trainable / base_params:.2f}%", f"{size:.0f} KiB", ref)  # fmt: skip
+        results.add_row(
+            task,
+            f"{metrics['accuracy']:.3f}",
+            f"{metrics['macro_f1']:.3f}",
+            f"{trainable:,}",
+            f"{100 * trainable / base_params:.2f}%",
+            f"{size:.0f} KiB",
+            ref,
+        )
     console.print(results)
     checks = Table(title="Checks")
     checks.add_column("check")
@@ -142,8 +171,17 @@ def run_demo(seed: int = 0, steps: int = 240, out: str | Path = "runs/demo") -> 
     checks.add_row("unmerge restores the base bit-exact", str(unmerge_exact))
     console.print(checks)
     total = time.perf_counter() - started
-    console.print(f"Done in {total:.0f} s. Adapters: {out / 'registry'} (try `adapters-mtl registry --root "
-                  f"{out / 'registry'} list`); plot: {summary['plot']}; metrics: {out / 'results.json'}")  # fmt: skip
-    return {"test": per_task, "max_routed_diff": worst, "swap_us": swap_us, "merge_err": merge_err,
-            "unmerge_exact": unmerge_exact, "published": summary["published"], "plot": summary["plot"],
-            "seconds": total}  # fmt: skip
+    console.print(
+        f"Done in {total:.0f} s. Adapters: {out / 'registry'} (try `adapters-mtl registry --root "
+        f"{out / 'registry'} list`); plot: {summary['plot']}; metrics: {out / 'results.json'}"
+    )
+    return {
+        "test": per_task,
+        "max_routed_diff": worst,
+        "swap_us": swap_us,
+        "merge_err": merge_err,
+        "unmerge_exact": unmerge_exact,
+        "published": summary["published"],
+        "plot": summary["plot"],
+        "seconds": total,
+    }

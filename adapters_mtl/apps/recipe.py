@@ -18,15 +18,24 @@ import dataclasses
 import json
 import os
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..data.tasks import TaskSpec
-from ..methods import LoraConfig, PrefixConfig
+from ..methods import METHODS, LoraConfig, get_method
 from .recipe_yaml import MAX_BYTES, RecipeError, apply_overrides, read_yaml, report, type_problems
 from .run_checks import check_before_model, output_dir, published_ok, start_output
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from ..core.model import AdapterModel
+    from ..data.tasks import TaskData
+
+DEFAULT_METHOD = next(iter(METHODS))  # an adapter section left out of a recipe: the first method (LoRA)
 
 __all__ = ["RecipeError", "RunError", "apply_overrides", "load_recipe", "read_yaml", "run_recipe"]
 
@@ -38,7 +47,7 @@ class RunError(RuntimeError):
     """A run that trained but could not finish everything after; says what was kept and what to run next."""
 
 
-def _build(cls, fields: Any, where: str, problems: list[str]):
+def _build(cls: type, fields: Any, where: str, problems: list[str]) -> Any:
     """``cls(**fields)``, or None with every problem (unknown keys, wrong types, bad values) appended."""
     if not isinstance(fields, dict):
         problems.append(f"{where}: expected a mapping of {cls.__name__} fields, got {fields!r}")
@@ -58,27 +67,28 @@ def _build(cls, fields: Any, where: str, problems: list[str]):
         return None
 
 
-def _adapter_configs(adapter, where: str, problems: list[str]) -> list:
-    """``{lora: {...}, prefix: {...}}`` → native configs; ``none`` → [] (head-only adapters)."""
+def _adapter_configs(adapter: Any, where: str, problems: list[str]) -> list:
+    """``{<method>: {...}, ...}`` (e.g. ``{lora: {...}, prefix: {...}}``) → native configs, one per method
+    registered in :mod:`adapters_mtl.methods`; ``none`` → [] (head-only adapters)."""
     if adapter in ("none", None, "null") or adapter == {}:
         return []
+    names = " and/or ".join(repr(m) for m in METHODS)
     if not isinstance(adapter, dict):
-        problems.append(
-            f"{where}: expected a mapping with 'lora' and/or 'prefix', or 'none'; got {adapter!r}"
-        )
+        problems.append(f"{where}: expected a mapping with {names}, or 'none'; got {adapter!r}")
         return []
-    unknown = sorted(set(adapter) - {"lora", "prefix", "shared"})
+    unknown = sorted(set(adapter) - {*METHODS, "shared"})
     if unknown:
-        problems.append(f"{where}: unknown key(s) {unknown}; expected 'lora' and/or 'prefix' (and 'shared')")
+        problems.append(f"{where}: unknown key(s) {unknown}; expected {names} (and 'shared')")
     configs = []
-    for key, cls in (("lora", LoraConfig), ("prefix", PrefixConfig)):
+    for key, method in METHODS.items():
         if key in adapter:
-            cfg = _build(cls, adapter[key] if adapter[key] is not None else {}, f"{where}.{key}", problems)
+            fields = adapter[key] if adapter[key] is not None else {}
+            cfg = _build(method.config_class, fields, f"{where}.{key}", problems)
             configs += [cfg] if cfg is not None else []
     return configs
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict:
     """Read, override and validate a recipe (types and ranges of every value; no file or model is loaded
     beyond the recipe itself: :func:`run_recipe` checks data, folders and registry before the model).
 
@@ -110,11 +120,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
         problems.append(f"base: expected 'minilm', 'smollm2' or a local model folder, got {base!r}")
     registry = raw.get("registry", "default")
     if registry is not None and (not isinstance(registry, str) or not registry):
-        problems.append(f"registry: expected a folder, an fsspec URL, 'default' or null (no publishing), got {registry!r}")  # fmt: skip
+        problems.append(
+            f"registry: expected a folder, an fsspec URL, 'default' or null (no publishing), got {registry!r}"
+        )
     if not isinstance(raw.get("tasks"), list) or not raw["tasks"]:
         problems.append("tasks: expected a non-empty list of tasks (each with name and source)")
         raise RecipeError(report(problems))
-    default_adapter = raw.get("adapter", {"lora": {}})
+    default_adapter = raw.get("adapter", {DEFAULT_METHOD: {}})
     default = _adapter_configs(default_adapter, "adapter", problems)
     tasks, adapters = [], {}
     for i, entry in enumerate(raw["tasks"]):
@@ -144,7 +156,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
     train = _build(TrainConfig, raw.get("train") or {}, "train", problems)
     shared = None
     if train is not None and train.sharing != "none":
-        fields = (default_adapter or {}).get("shared", (default_adapter or {}).get("lora")) if isinstance(default_adapter, dict) else None  # fmt: skip
+        fields = None
+        if isinstance(default_adapter, dict):
+            # the shared adapter is a LoRA: adapter.shared, else adapter.lora
+            fields = default_adapter.get("shared", default_adapter.get(LoraConfig().method))
         if fields is None:
             problems.append(
                 f"train.sharing={train.sharing!r} needs a shared LoRA adapter: add adapter.shared "
@@ -152,8 +167,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
             )
         else:
             shared = _build(LoraConfig, fields or {}, "adapter.shared", problems)
-        if any(c.method != "lora" for configs in adapters.values() for c in configs):
-            problems.append("train.sharing works with LoRA task adapters only; remove the prefix configs")
+        if any(not get_method(c.method).can_merge() for configs in adapters.values() for c in configs):
+            problems.append(
+                "train.sharing works with LoRA task adapters only (each (shared, task) stack is folded into one "
+                "LoRA); remove the other methods' configs"
+            )
     compose = raw.get("compose")
     if compose is not None:
         if not isinstance(compose, dict):
@@ -172,15 +190,25 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
                     or isinstance(value, bool)
                     or value < (0 if key == "seed" else 1)
                 ):
-                    problems.append(f"compose.{key}: expected a {'non-negative' if key == 'seed' else 'positive'} int, got {value!r}")  # fmt: skip
+                    expected = "non-negative" if key == "seed" else "positive"
+                    problems.append(f"compose.{key}: expected a {expected} int, got {value!r}")
             if not isinstance(compose.get("output_dir", "runs/x"), str):
                 problems.append(f"compose.output_dir: expected a folder path, got {compose['output_dir']!r}")
             if len(raw["tasks"]) != 1:
                 problems.append("compose: expected exactly one task (the unseen one) in tasks")
     if problems:
         raise RecipeError(report(problems))
-    return {"raw": raw, "path": str(path), "base": base, "tasks": tasks, "adapters": adapters, "train": train,
-            "shared": shared, "compose": compose, "registry": registry}  # fmt: skip
+    return {
+        "raw": raw,
+        "path": str(path),
+        "base": base,
+        "tasks": tasks,
+        "adapters": adapters,
+        "train": train,
+        "shared": shared,
+        "compose": compose,
+        "registry": registry,
+    }
 
 
 def run_recipe(recipe: dict, *, resume: bool = False, overwrite: bool = False) -> dict:
@@ -237,12 +265,15 @@ def run_recipe(recipe: dict, *, resume: bool = False, overwrite: bool = False) -
         plot_history(result["history"], plot, title=f"{', '.join(tasks)} ({result['step']} steps)")
     skipped = published_ok(recipe, recipe["adapters"])
     # the trained adapters are on disk before anything else can fail (test evaluation, publishing)
-    validation = {t: {f"validation_{k}": v for k, v in b.get("metrics", {}).items()} for t, b in result["best"].items()}  # fmt: skip
+    validation = {
+        t: {f"validation_{k}": v for k, v in best.get("metrics", {}).items()}
+        for t, best in result["best"].items()
+    }
     folders = (
         {} if skipped or not writer else _save_adapters(model, tasks, out / "adapters", recipe, validation)
     )
     test = {t: trainer.evaluate(t, "test", report=True) for t in tasks}
-    base_params = sum(p.numel() for n, p in model.base.named_parameters() if ".lora_" not in n)
+    base_params = sum(p.numel() for p in model.base_parameters().values())
     summary = {
         "steps": result["step"],
         "seconds": seconds,
@@ -273,16 +304,20 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _save_adapters(model, tasks: dict, folder: Path, recipe: dict, metrics: dict) -> dict[str, Path]:
+def _save_adapters(
+    model: AdapterModel, tasks: dict, folder: Path, recipe: dict, metrics: dict
+) -> dict[str, Path]:
     """Each task's adapter as a registry-publishable folder, its card holding ``metrics[task]`` (the best
     validation metrics at first, the test metrics once they exist)."""
     from ..files.folder import save_adapter
 
     out = {}
     for t in tasks:
-        m = metrics.get(t, {})
-        out[t] = save_adapter(model, t, folder / t, task=t, overwrite=True, recipe=recipe["raw"],
-                              metrics={k: v for k, v in m.items() if not isinstance(v, dict)})  # fmt: skip
+        # plain numbers only (the per-class reports stay in results.json)
+        flat = {k: v for k, v in metrics.get(t, {}).items() if not isinstance(v, dict)}
+        out[t] = save_adapter(
+            model, t, folder / t, task=t, overwrite=True, recipe=recipe["raw"], metrics=flat
+        )
     return out
 
 
@@ -312,28 +347,46 @@ def _publish(folders: dict[str, Path], root: str, summary: dict, out: Path) -> N
 
 
 @torch.no_grad()
-def _samples(model, tokenizer, tasks: dict, per_task: int = 3, max_new_tokens: int = 24) -> list[dict]:
+def _samples(
+    model: AdapterModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: dict[str, TaskData],
+    per_task: int = 3,
+    max_new_tokens: int = 24,
+) -> list[dict]:
     """A few test prompts of every causal-LM task, generated in ONE batch routed per row to each task."""
-    rows = [(t, text, data.target(label)) for t, data in tasks.items() if data.generative
-            for text, label in list(zip(data.splits["test"]["text"], data.splits["test"]["label"], strict=True))[:per_task]]  # fmt: skip
+    rows = []  # (task, prompt text, target text)
+    for t, data in tasks.items():
+        if data.generative:
+            test = data.splits["test"]
+            pairs = list(zip(test["text"], test["label"], strict=True))[:per_task]
+            rows += [(t, text, data.target(label)) for text, label in pairs]
     if not rows:
         return []
     from ..data.batching import pad
 
     prompts = [{"input_ids": tasks[t].causal_ids(tokenizer, text, None)[0]} for t, text, _ in rows]
     device = next(model.base.parameters()).device
-    enc = {
-        k: v.to(device) for k, v in pad(tokenizer, prompts, "left").items()
-    }  # generation continues rightwards
+    padded = pad(tokenizer, prompts, "left")  # left: generation continues rightwards
+    enc = {k: v.to(device) for k, v in padded.items()}
     model.eval()
-    out = model.generate(**enc, adapters=[t for t, _, _ in rows], max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    out = model.generate(
+        **enc,
+        adapters=[t for t, _, _ in rows],
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [{"task": t, "prompt": text[:200], "target": target.strip(), "output": o.strip()}
-            for (t, text, target), o in zip(rows, texts, strict=True)]  # fmt: skip
+    return [
+        {"task": t, "prompt": text[:200], "target": target.strip(), "output": o.strip()}
+        for (t, text, target), o in zip(rows, texts, strict=True)
+    ]
 
 
-def _run_compose(recipe: dict, base, tokenizer, data, out: Path) -> dict:
+def _run_compose(
+    recipe: dict, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, data: TaskData, out: Path
+) -> dict:
     """Few-shot composition of registry adapters for the recipe's (single, unseen) task."""
     import numpy as np
 
@@ -347,21 +400,48 @@ def _run_compose(recipe: dict, base, tokenizer, data, out: Path) -> dict:
     train = data.splits["train"]
     rng = np.random.default_rng(cfg.get("seed", 0))
     shots = int(cfg.get("shots", 16))
-    by_class = {c: [i for i, y in enumerate(train["label"]) if y == c] for c in range(len(data.label_names))}
+    label_names = data.label_names
+    if label_names is None:  # a regression, token_cls or free-generation task has no classes to compose for
+        raise RecipeError(
+            f"compose: task {data.spec.name!r} ({data.spec.kind}) has no label names; composition needs a "
+            "classification task (kind: seq_cls)"
+        )
+    by_class = {c: [i for i, y in enumerate(train["label"]) if y == c] for c in range(len(label_names))}
     per_class = max(shots // len(by_class), 1)
     picked = sorted(i for idx in by_class.values() for i in rng.permutation(idx)[:per_class].tolist())
     texts = [train["text"][i] for i in picked]
-    labels = [data.label_names[train["label"][i]] for i in picked]
+    labels = [label_names[train["label"][i]] for i in picked]
     test = data.splits["test"]
-    result = compose(composer, cfg["adapters"], texts, labels, label_names=data.label_names,
-                     budget=int(cfg.get("budget", 40)), seed=int(cfg.get("seed", 0)), into=data.spec.name,
-                     eval_texts=test["text"], eval_labels=[data.label_names[y] for y in test["label"]])  # fmt: skip
+    result = compose(
+        composer,
+        cfg["adapters"],
+        texts,
+        labels,
+        label_names=label_names,
+        budget=int(cfg.get("budget", 40)),
+        seed=int(cfg.get("seed", 0)),
+        into=data.spec.name,
+        eval_texts=test["text"],
+        eval_labels=[label_names[y] for y in test["label"]],
+    )
+    if result.accuracy is None:  # unreachable: compose reports accuracy when given eval texts
+        raise RuntimeError("compose returned no test accuracy")
     published = {}
     if cfg.get("publish"):
-        published[data.spec.name] = registry.publish(composer.model, adapter=data.spec.name, task=data.spec.name,
-                                                      metrics={"accuracy": result.accuracy["composed"]}, recipe=recipe["raw"])  # fmt: skip
-    summary = {"task": data.spec.name, "shots": len(texts), "weights": result.weights, "objective": result.objective,
-               "evaluations": result.evaluations, "test_accuracy": result.accuracy, "published": published,
-               "output_dir": str(out)}  # fmt: skip
+        name = data.spec.name
+        metrics = {"accuracy": result.accuracy["composed"]}
+        published[name] = registry.publish(
+            composer.model, adapter=name, task=name, metrics=metrics, recipe=recipe["raw"]
+        )
+    summary = {
+        "task": data.spec.name,
+        "shots": len(texts),
+        "weights": result.weights,
+        "objective": result.objective,
+        "evaluations": result.evaluations,
+        "test_accuracy": result.accuracy,
+        "published": published,
+        "output_dir": str(out),
+    }
     _write_json(out / "results.json", summary)
     return summary

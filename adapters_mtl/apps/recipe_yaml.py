@@ -86,7 +86,8 @@ def read_yaml(text: str, where: str = "recipe") -> Any:
         RecipeError: too large, alias bomb, invalid YAML, or values of other types (dates, binary, sets).
     """
     if len(text) > MAX_BYTES or len(text.encode("utf-8", "replace")) > MAX_BYTES:
-        raise RecipeError(f"{where} is {len(text.encode('utf-8', 'replace')):,} bytes; recipes are limited to {MAX_BYTES:,}")  # fmt: skip
+        size = len(text.encode("utf-8", "replace"))
+        raise RecipeError(f"{where} is {size:,} bytes; recipes are limited to {MAX_BYTES:,}")
     try:
         loader = _Loader(text)  # its reader refuses control characters here already
     except yaml.YAMLError as e:
@@ -230,14 +231,22 @@ def _describe(tp: Any) -> str:
 
 
 def _kind(value: Any) -> str:
-    for tp, name in ((bool, "true/false"), (int, "an int"), (float, "a number"), (str, "a string"),
-                     (dict, "a mapping"), (list, "a list"), (type(None), "null")):  # fmt: skip
+    kinds = (
+        (bool, "true/false"),  # before int: a bool is an int
+        (int, "an int"),
+        (float, "a number"),
+        (str, "a string"),
+        (dict, "a mapping"),
+        (list, "a list"),
+        (type(None), "null"),
+    )
+    for tp, name in kinds:
         if isinstance(value, tp):
             return name
     return type(value).__name__
 
 
-def type_problems(cls, fields: dict, where: str) -> list[str]:
+def type_problems(cls: type, fields: dict, where: str) -> list[str]:
     hints = typing.get_type_hints(cls)
     out = []
     for key, value in fields.items():

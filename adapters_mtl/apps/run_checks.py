@@ -49,7 +49,10 @@ def _registry_problem(root: str) -> str | None:
         try:
             AdapterRegistry(url)
         except Exception as e:  # noqa: BLE001 - any failure to reach a remote store is the user's to fix
-            return f"registry: {url} cannot be opened ({type(e).__name__}: {e}); fix the URL or its credentials, or set registry: null"  # fmt: skip
+            return (
+                f"registry: {url} cannot be opened ({type(e).__name__}: {e}); fix the URL or its credentials, "
+                "or set registry: null"
+            )
         return None
     problem = _folder_problem(Path(url.removeprefix("file://")).expanduser(), "registry")
     return problem and problem + ", or set registry: null to skip publishing"

@@ -13,6 +13,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Literal, overload
 
 import torch
 from transformers import (
@@ -20,6 +21,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -141,7 +143,8 @@ def _dequantise() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     # The weights are plain float32 now; without this, save_pretrained writes a GGUF quantisation
     # config and the reload would look for a GGUF file that the cache folder does not hold.
     del model.config.quantization_config
-    model.hf_quantizer = None
+    # (transformers sets hf_quantizer per instance; PreTrainedModel does not declare it)
+    model.hf_quantizer = None  # type: ignore[assignment]
     return model, tokenizer
 
 
@@ -216,7 +219,9 @@ def load_smollm2(*, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel
 _VOCAB_FILES = ("tokenizer.json", "vocab.*", "*.model", "*.tiktoken")
 
 
-def _model_class(config) -> type:
+def _model_class(
+    config: PretrainedConfig,
+) -> type[PreTrainedModel] | type[AutoModel] | type[AutoModelForCausalLM]:
     """The class named by ``config.architectures`` (e.g. ``BertForSequenceClassification``), else an Auto class.
 
     Only transformers' own :class:`PreTrainedModel` subclasses built from this kind of config are used (the
@@ -252,6 +257,12 @@ def _folder_tokenizer(path: Path) -> PreTrainedTokenizerBase:
         ) from e
 
 
+@overload
+def load_base(
+    spec: str, *, tokenizer: Literal[True] = True
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]: ...
+@overload
+def load_base(spec: str, *, tokenizer: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]: ...
 def load_base(spec: str, *, tokenizer: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a base model: ``"minilm"`` (the packaged encoder), ``"smollm2"`` (the packaged causal LM) or a
     local model folder, never a hub.
@@ -274,8 +285,8 @@ def load_base(spec: str, *, tokenizer: bool = True) -> tuple[PreTrainedModel, Pr
             tokenizer (the message names the folder). ModelNotInstalledError: a missing package.
     """
     if spec in ("minilm", "smollm2"):
-        model, tok = load_minilm() if spec == "minilm" else load_smollm2()
-        return model, tok if tokenizer else None
+        model, packaged_tokenizer = load_minilm() if spec == "minilm" else load_smollm2()
+        return model, packaged_tokenizer if tokenizer else None
     path = Path(spec)
     if not path.is_dir():
         raise ValueError(f"{spec!r} is not 'minilm', 'smollm2' or a local model folder (no hub downloads)")

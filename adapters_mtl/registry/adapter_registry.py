@@ -18,17 +18,23 @@ import re
 import sqlite3
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..core.config import validate_name
 from ..files.folder import CARD, AdapterFileError, read_adapter, read_regular, save_adapter
 from .catalog import Catalog, NameIndex, Row
 from .store import REGISTRY_META, Store, StoreError
 
+if TYPE_CHECKING:
+    from ..core.model import AdapterModel
+
 __all__ = ["AdapterRecord", "AdapterRegistry", "RegistryError", "default_root"]
 
 _REF = re.compile(r"^(?P<name>[^@]+)(?:@(?P<tag>[^@]+))?$")
+_T = TypeVar("_T")
 
 
 class RegistryError(KeyError):
@@ -58,7 +64,7 @@ class AdapterRecord(Row):
         return f"{self.name}@{self.version}"
 
 
-def _text(value, default: str = "") -> str:
+def _text(value: object, default: str = "") -> str:
     return value if isinstance(value, str) else default
 
 
@@ -124,12 +130,20 @@ class AdapterRegistry:
                 index.problems[version] = f"{name}@{version} is damaged: {e}"
                 continue
             card, meta = files.card, files.meta
-            tags = meta.get("tags") if isinstance(meta.get("tags"), list) else []
-            index.rows.append(Row(
-                name, version, _text(card.get("task"), name), tuple(card.get("methods") or ()),
-                card.get("base_model"), card.get("base_fingerprint"), tuple(str(t) for t in tags),
-                _text(meta.get("published"), _text(card.get("created"))), rel,
-            ))  # fmt: skip
+            tags = meta.get("tags")
+            index.rows.append(
+                Row(
+                    name=name,
+                    version=version,
+                    task=_text(card.get("task"), name),
+                    methods=tuple(card.get("methods") or ()),
+                    base_model=card.get("base_model"),
+                    base_fingerprint=card.get("base_fingerprint"),
+                    tags=tuple(str(t) for t in tags) if isinstance(tags, list) else (),
+                    created=_text(meta.get("published"), _text(card.get("created"))),
+                    relpath=rel,
+                )
+            )
         try:
             index.aliases = self.store.aliases(name)
         except (ValueError, OSError) as e:
@@ -186,13 +200,13 @@ class AdapterRegistry:
     # ------------------------------------------------------------------ publish
     def publish(
         self,
-        source,
+        source: str | os.PathLike[str] | AdapterModel,
         name: str | None = None,
         *,
         adapter: str | None = None,
         tags: list[str] | tuple[str, ...] = (),
         aliases: list[str] | tuple[str, ...] = (),
-        **card_fields,
+        **card_fields: Any,
     ) -> str:
         """Publish an adapter folder, or ``adapter`` of an ``AdapterModel``, as the next version of ``name``.
 
@@ -276,7 +290,7 @@ class AdapterRegistry:
                 f"{root}: {extra[:10]} are not listed in the adapter card and are not published", stacklevel=3
             )
 
-    def import_peft(self, model, folder, name: str, **kw) -> str:
+    def import_peft(self, model: AdapterModel, folder: str | os.PathLike[str], name: str, **kw: Any) -> str:
         """Load a plain PEFT folder into ``model`` (all checks of ``load_adapter``), then publish it."""
         from ..files.folder import load_adapter
 
@@ -292,7 +306,7 @@ class AdapterRegistry:
             raise ValueError(f"alias {alias!r} is reserved: 'latest' and numbers always mean versions")
 
     # ------------------------------------------------------------------ read
-    def _catalog_retry(self, fn):
+    def _catalog_retry(self, fn: Callable[[], _T]) -> _T:
         """Run a catalog read; a catalog damaged since it was opened is set aside, rebuilt, and read again."""
         try:
             return fn()
@@ -373,10 +387,13 @@ class AdapterRegistry:
         self._catalog_retry(self._sync_all)  # other processes and machines may have written
         out = [self._record(r) for r in self._catalog_retry(self.catalog.rows)]
         return [
-            r for r in out
-            if (task is None or r.task == task) and (base is None or base in (r.base_model, r.base_fingerprint))
-            and (method is None or method in r.methods) and (tag is None or tag in r.tags)
-        ]  # fmt: skip
+            r
+            for r in out
+            if (task is None or r.task == task)
+            and (base is None or base in (r.base_model, r.base_fingerprint))
+            and (method is None or method in r.methods)
+            and (tag is None or tag in r.tags)
+        ]
 
     def aliases(self, name: str) -> dict[str, int]:
         return self._catalog_retry(lambda: self.catalog.aliases(name))
@@ -389,8 +406,14 @@ class AdapterRegistry:
         card = parse_card(
             self.store.read(f"{self.store.version_rel(rec.name, rec.version)}/{CARD}"), rec.path
         )
-        return {"ref": rec.ref, "tags": list(rec.tags), "published": rec.created,
-                "aliases": [a for a, v in self.aliases(rec.name).items() if v == rec.version], "card": card}  # fmt: skip
+        aliases = [a for a, v in self.aliases(rec.name).items() if v == rec.version]
+        return {
+            "ref": rec.ref,
+            "tags": list(rec.tags),
+            "published": rec.created,
+            "aliases": aliases,
+            "card": card,
+        }
 
     def set_alias(self, ref: str, alias: str) -> None:
         """Point ``alias`` of ``ref``'s name at ``ref``'s version (a damaged aliases file is replaced)."""
@@ -437,7 +460,7 @@ class AdapterRegistry:
         read_adapter(cache)
         return cache
 
-    def load(self, model, ref: str, name: str | None = None) -> str:
+    def load(self, model: AdapterModel, ref: str, name: str | None = None) -> str:
         """Attach ``ref`` to ``model`` (every check of ``load_adapter``); returns the adapter name
         (default: the ref's name)."""
         from ..files.folder import load_adapter

@@ -44,6 +44,28 @@ class Row:
     relpath: str
 
 
+def _row_values(r: Row) -> tuple[object, ...]:
+    """``r`` as one row of the ``adapters`` table (methods and tags joined with commas)."""
+    methods, tags = ",".join(r.methods), ",".join(r.tags)
+    return (r.name, r.version, r.task, methods, r.base_model, r.base_fingerprint, tags, r.created, r.relpath)
+
+
+def _row_from_values(values: tuple) -> Row:
+    """The inverse of :func:`_row_values`."""
+    name, version, task, methods, base_model, fingerprint, tags, created, relpath = values
+    return Row(
+        name=name,
+        version=version,
+        task=task,
+        methods=tuple(methods.split(",")) if methods else (),
+        base_model=base_model,
+        base_fingerprint=fingerprint,
+        tags=tuple(tags.split(",")) if tags else (),
+        created=created,
+        relpath=relpath,
+    )
+
+
 @dataclass
 class NameIndex:
     """Everything the catalog holds for one name, as read from the files."""
@@ -70,16 +92,16 @@ class Catalog:
             self._use_memory(None)
             return
         try:
-            self._open_file()
+            self._open_file(path)
         except sqlite3.OperationalError as e:  # read-only, disk full, locked too long
             self._use_memory(f"the catalog {path} cannot be written ({e})")
 
     # ------------------------------------------------------------------ opening
-    def _open_file(self) -> None:
-        parent = os.path.dirname(self.path) or "."
-        if not os.path.exists(self.path) and not os.access(parent, os.W_OK):
+    def _open_file(self, path: str) -> None:
+        parent = os.path.dirname(path) or "."
+        if not os.path.exists(path) and not os.access(parent, os.W_OK):
             raise sqlite3.OperationalError("its folder is read-only")
-        if os.path.exists(self.path) and not os.access(self.path, os.W_OK):
+        if os.path.exists(path) and not os.access(path, os.W_OK):
             raise sqlite3.OperationalError("the file is read-only")
         os.makedirs(parent, exist_ok=True)
         try:
@@ -106,6 +128,8 @@ class Catalog:
         )
 
     def _connect_file(self) -> sqlite3.Connection:
+        if self.path is None:  # unreachable: a catalog without a file is in memory from the start
+            raise RuntimeError("this registry catalog has no file (it is in memory)")
         con = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
         con.execute("PRAGMA busy_timeout=60000")
         return con
@@ -179,10 +203,8 @@ class Catalog:
                         for table in ("adapters", "aliases", "problems"):
                             con.execute(f"DELETE FROM {table} WHERE name=?", (name,))
                     con.executemany(
-                        "INSERT INTO adapters VALUES (?,?,?,?,?,?,?,?,?)",
-                        [(r.name, r.version, r.task, ",".join(r.methods), r.base_model, r.base_fingerprint,
-                          ",".join(r.tags), r.created, r.relpath) for r in entry.rows],
-                    )  # fmt: skip
+                        "INSERT INTO adapters VALUES (?,?,?,?,?,?,?,?,?)", map(_row_values, entry.rows)
+                    )
                     con.executemany(
                         "INSERT INTO aliases VALUES (?,?,?)", [(name, a, v) for a, v in entry.aliases.items()]
                     )
@@ -215,20 +237,7 @@ class Catalog:
         query = "SELECT * FROM adapters" + (" WHERE name=?" if name else "") + " ORDER BY name, version"
         with self._con() as con:
             found = con.execute(query, (name,) if name else ()).fetchall()
-        return [
-            Row(
-                n,
-                v,
-                task,
-                tuple(m.split(",")) if m else (),
-                base,
-                fp,
-                tuple(t.split(",")) if t else (),
-                c,
-                rel,
-            )
-            for n, v, task, m, base, fp, t, c, rel in found
-        ]
+        return [_row_from_values(values) for values in found]
 
     def aliases(self, name: str) -> dict[str, int]:
         with self._con() as con:

@@ -61,7 +61,7 @@ class VersionFiles:
     meta: dict
 
 
-def _protocols(fs) -> tuple[str, ...]:
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
 
 

@@ -8,29 +8,34 @@ evicted. ``use`` switches the adapter of plain calls in O(1) for every thread, `
 only; ``predict`` and ``generate`` route a different adapter per row through the core's routing path;
 ``merge`` builds a new adapter (or folds one into the base weights) from registry adapters. One Composer
 serves many threads at once (see :class:`Composer`).
+
+The loading, eviction and in-use bookkeeping is the :class:`~adapters_mtl.serving.adapter_cache.AdapterCache`
+(``composer.cache``); this module is the pipeline on top of it: check the rows' references, hold their
+adapters for the call, tokenize, run the routed model, label or decode.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..core.model import AdapterModel, routing_entry_problem
+from ..core.model import AdapterModel
 from ..data.batching import pad
-from .merging import merge_adapters
+from .adapter_cache import AdapterCache, ComposerError, Entry, entry_members, row_entries
+from .merging import DEFAULT_MERGE_METHOD, merge_adapters
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..registry import AdapterRegistry
 
 __all__ = ["Composer", "ComposerError", "Prediction"]
 
 _FOLDED = "folded-into-base"
-
-
-class ComposerError(ValueError):
-    """A composer request that cannot be served: says what was asked, what exists, and what to do."""
 
 
 @dataclass(frozen=True)
@@ -41,16 +46,6 @@ class Prediction:
     label: str
     score: float
     scores: dict[str, float] = field(repr=False)
-
-
-@dataclass
-class _Entry:
-    name: str  # the adapter's name in the model
-    ref: str  # the canonical registry reference (name@version), or the name for local adapters
-    nbytes: int
-    pinned: bool = False
-    from_registry: bool = True
-    in_use: int = 0  # calls and using() blocks holding it right now (never evicted while > 0)
 
 
 class Composer:
@@ -66,6 +61,12 @@ class Composer:
         static_routing: keep the active LoRA slot in a tensor so a ``torch.compile``d base switches adapters
             without recompiling (see :meth:`AdapterModel.static_routing`; a recompile happens only when a
             loaded adapter raises the largest rank).
+
+    Attributes:
+        model: the :class:`AdapterModel` every call runs.
+        cache: the :class:`~adapters_mtl.serving.adapter_cache.AdapterCache` of its adapters (loading,
+            LRU eviction, pins, in-use counts).
+        tokenizer: the tokenizer given or loaded with the base (None: text calls raise ComposerError).
 
     Threads — safe to do concurrently from many threads:
         * ``predict`` / ``generate`` with different adapters (routed per row, by ``using()``, or the
@@ -92,9 +93,9 @@ class Composer:
 
     def __init__(
         self,
-        base,
-        registry="default",
-        tokenizer=None,
+        base: str | torch.nn.Module,
+        registry: AdapterRegistry | str | None = "default",
+        tokenizer: PreTrainedTokenizerBase | None = None,
         max_bytes: int | None = None,
         max_adapters: int | None = None,
         static_routing: bool = False,
@@ -111,29 +112,42 @@ class Composer:
         if static_routing:
             self.model.static_routing(True)
         self.tokenizer = tokenizer
-        if registry is None or isinstance(registry, AdapterRegistry):
-            self.registry = registry
-        else:
-            self.registry = AdapterRegistry(None if registry == "default" else registry)
-        self.max_bytes, self.max_adapters = max_bytes, max_adapters
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # by model name, least recent first
-        self._refs: dict[str, str] = {}  # every reference seen → model name
-        # Guards _entries, _refs, in-use counts and every attach/detach (re-entrant: load → _fit_budget).
-        # Held while resolving, never while a model call runs, so calls in other threads proceed.
-        self._lock = threading.RLock()
-        self._calls = 0  # predict/generate calls and using() blocks in flight
-        for name in self.model.adapter_names:
-            self._adopt(name)
+        if registry is not None and not isinstance(registry, AdapterRegistry):
+            registry = AdapterRegistry(None if registry == "default" else registry)
+        self.cache = AdapterCache(self.model, registry, max_bytes=max_bytes, max_adapters=max_adapters)
+
+    @property
+    def registry(self) -> AdapterRegistry | None:
+        """The registry adapters are loaded from (None: only adapters attached by hand)."""
+        return self.cache.registry
+
+    @registry.setter
+    def registry(self, value: AdapterRegistry | None) -> None:
+        self.cache.registry = value
+
+    @property
+    def max_bytes(self) -> int | None:
+        """Byte budget of registry adapters (None: unbounded); checked at the next load."""
+        return self.cache.max_bytes
+
+    @max_bytes.setter
+    def max_bytes(self, value: int | None) -> None:
+        self.cache.max_bytes = value
+
+    @property
+    def max_adapters(self) -> int | None:
+        """Count budget of registry adapters (None: unbounded); checked at the next load."""
+        return self.cache.max_adapters
+
+    @max_adapters.setter
+    def max_adapters(self, value: int | None) -> None:
+        self.cache.max_adapters = value
 
     # ------------------------------------------------------------------ loading
     @property
     def loaded(self) -> list[dict]:
         """Loaded adapters, least recently used first: name, ref, bytes, pinned."""
-        with self._lock:
-            return [
-                {"name": e.name, "ref": e.ref, "bytes": e.nbytes, "pinned": e.pinned}
-                for e in self._entries.values()
-            ]
+        return self.cache.loaded
 
     def load(self, ref: str, pin: bool = False) -> str:
         """Attach ``ref`` from the registry (if not attached yet); returns its name in the model.
@@ -144,14 +158,7 @@ class Composer:
             ComposerError: no registry; the budget cannot hold it without evicting pinned or in-use adapters.
             RegistryError / AdapterFileError: unknown ref, damaged files, adapter of another base model.
         """
-        with self._lock:
-            name = self._known(ref)
-            if name is None:
-                name = self._load(ref, protect=())
-            if pin:
-                self._entries[name].pinned = True
-            self._touch(name)
-            return name
+        return self.cache.load(ref, pin=pin)
 
     def unload(self, ref: str) -> None:
         """Detach ``ref`` (an evicted or unloaded adapter reloads on its next use).
@@ -159,41 +166,47 @@ class Composer:
         Raises:
             ComposerError: ``ref`` is not loaded, or a call or ``using()`` block is using it.
         """
-        with self._lock:
-            name = self._known(ref)
-            if name is None:
-                raise ComposerError(
-                    f"{ref!r} is not loaded; loaded: {[e.ref for e in self._entries.values()]}"
-                )
-            if self._entries[name].in_use:
-                raise ComposerError(
-                    f"{ref!r} is in use by {self._entries[name].in_use} call(s) or using() block(s) right "
-                    "now; unload it when they end"
-                )
-            self._drop(name)
+        self.cache.unload(ref)
 
     def pin(self, ref: str, pinned: bool = True) -> None:
         """Never evict ``ref`` (loading it first if needed); ``pinned=False`` makes it evictable again."""
-        with self._lock:
-            self._entries[self.load(ref)].pinned = pinned
+        self.cache.pin(ref, pinned)
+
+    def resolve(self, refs: str | Sequence[str]) -> list[str]:
+        """Attach ``refs`` (registry references or attached names; loading what is missing) and return
+        their names in the model, in order. The adapters are not held: a later load in another thread
+        may evict them (calls hold theirs; see :meth:`using` and ``predict(adapters=...)``).
+
+        Raises:
+            ComposerError: an entry that is not a reference; no registry; a budget that cannot hold them.
+            RegistryError / AdapterFileError: as :meth:`load`.
+        """
+        refs = [refs] if isinstance(refs, str) else list(refs)
+        bad = [f"row {i}: got {type(r).__name__} {r!r}" for i, r in enumerate(refs) if not isinstance(r, str)]
+        if bad:
+            raise ComposerError(
+                f"{'; '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}. Expected registry references "
+                "('news', 'news@2', 'news@prod') or names of attached adapters."
+            )
+        return self.cache.resolve(refs)
 
     # ------------------------------------------------------------------ switching
     @property
-    def active(self) -> str | None:
+    def active(self) -> str | tuple[str, ...] | None:
         """The model name of the adapter this thread's plain calls use (its ``using()`` block's, else the
         default set by :meth:`use`)."""
         return self.model.active_adapter
 
-    def use(self, ref: str | None) -> str | None:
+    def use(self, ref: Entry) -> Entry:
         """Make ``ref`` the adapter of plain calls of every thread (``None``: the bare base). O(1) once
         loaded: a dict look-up and the model's :meth:`~AdapterModel.activate`."""
-        with self._lock:
-            name = self._resolve(self._checked_entries(ref, 1, single=True))[0]
+        with self.cache.lock:
+            name = self.cache.resolve_entries(row_entries(ref, 1, single=True))[0]
             self.model.activate(name)
             return name
 
     @contextmanager
-    def using(self, ref: str | None) -> Iterator[str | None]:
+    def using(self, ref: Entry) -> Iterator[Entry]:
         """``with composer.using("news"):`` — plain calls of *this thread* use ``ref`` inside the block, and
         its previous adapter after it; other threads and the default of :meth:`use` are untouched. The
         adapter is held (never evicted) while the block runs. O(1) once loaded.
@@ -204,8 +217,28 @@ class Composer:
             yield name
 
     # ------------------------------------------------------------------ inference
+    @property
+    def device(self) -> torch.device:
+        """The device of the base model's weights (where inputs go)."""
+        return next(self.model.base.parameters()).device
+
+    def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """``texts`` as one padded batch of tensors on :attr:`device` (``input_ids``, ``attention_mask``,
+        ...), each text truncated to ``max_length`` tokens (at most the tokenizer's ``model_max_length``;
+        None: that maximum).
+
+        Raises:
+            ComposerError: no tokenizer.
+        """
+        tok = self._tokenizer()
+        fit = {} if max_length is None else {"max_length": min(max_length, tok.model_max_length)}
+        enc = tok(list(texts), padding=True, truncation=True, return_tensors="pt", **fit)
+        return {k: v.to(self.device) for k, v in enc.items()}
+
     @torch.no_grad()
-    def predict(self, texts: Sequence[str], adapters=None, batch_size: int = 32) -> list[Prediction]:
+    def predict(
+        self, texts: str | Sequence[str], adapters: Entry | Sequence[Entry] = None, batch_size: int = 32
+    ) -> list[Prediction]:
         """Classify ``texts``; ``adapters`` is one reference per row, one for all rows, or None (the active
         adapter). Each row gets its adapter's head and label names; rows are routed in one batch.
 
@@ -227,14 +260,13 @@ class Composer:
                     f"adapters {headless} have no classification head, so predict() cannot label with them; "
                     "use generate() for causal-LM adapters, or load adapters trained with a head"
                 )
-            tok = self._tokenizer()
+            self._tokenizer()  # no tokenizer: say so even for no texts
             out: list[Prediction] = []
             for start in range(0, len(texts), batch_size):
                 rows = names[start : start + batch_size]
                 limit = self._positions()
-                fit = {} if limit is None else {"max_length": min(limit[1] - self._prefix_length(rows), tok.model_max_length)}  # fmt: skip
-                enc = tok(texts[start : start + batch_size], padding=True, truncation=True, return_tensors="pt", **fit)  # fmt: skip
-                enc = {k: v.to(self._device()) for k, v in enc.items()}
+                enc = self.tokenize(texts[start : start + batch_size],
+                                    None if limit is None else limit[1] - self._prefix_length(rows))  # fmt: skip
                 result = self.model(**enc, adapters=rows)
                 row_heads = heads[start : start + batch_size]
                 for name, head, logits in zip(rows, row_heads, result.row_logits, strict=True):
@@ -246,7 +278,13 @@ class Composer:
             return out
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], adapters=None, max_new_tokens: int = 32, **generation_kwargs) -> list[str]:  # fmt: skip
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        adapters: Entry | Sequence[Entry] = None,
+        max_new_tokens: int = 32,
+        **generation_kwargs: Any,
+    ) -> list[str]:
         """Continue ``prompts`` (greedy by default) with one adapter per row; returns the new text of each row.
 
         ``generation_kwargs`` go to ``transformers``' ``generate`` (e.g. ``do_sample=True``, ``num_beams=2``).
@@ -260,7 +298,7 @@ class Composer:
             tok = self._tokenizer()
             # left padding: generation continues from the right edge
             enc = pad(tok, [{"input_ids": ids} for ids in tok(prompts)["input_ids"]], "left")
-            enc = {k: enc[k].to(self._device()) for k in ("input_ids", "attention_mask")}
+            enc = {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}
             self._check_room(enc["input_ids"].shape[1], max_new_tokens, names)
             generation_kwargs.setdefault("do_sample", False)
             generation_kwargs.setdefault("pad_token_id", tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)  # fmt: skip
@@ -274,11 +312,12 @@ class Composer:
         self,
         refs: Sequence[str],
         weights: Sequence[float] | None = None,
-        method: str = "linear",
+        method: str = DEFAULT_MERGE_METHOD,
         into: str = "merged",
-        **kwargs,
+        **kwargs: Any,
     ) -> str:
-        """Merge registry adapters (see :func:`adapters_mtl.serving.merging.merge_adapters` for methods and options).
+        """Merge registry adapters (see :func:`adapters_mtl.serving.merging.merge_adapters` for methods and
+        options; the default ``cat`` is exact and takes any ranks).
 
         ``into="base"`` folds the result into the base weights (undo with :meth:`unmerge`); any other name
         adds a new adapter (publishable with ``registry.publish(composer.model, adapter=into)``).
@@ -288,8 +327,8 @@ class Composer:
             ComposerError: ``into="base"`` while calls or ``using()`` blocks are in flight (folding changes
                 the weights they share), or while another adapter is folded in.
         """
-        with self._lock:
-            names = self._resolve(list(refs))
+        with self.cache.lock:
+            names = self.cache.resolve(list(refs))
             if into == "base":
                 self._refuse_in_flight("merge(..., into='base')")
                 if self.model.merged_adapter is not None:
@@ -304,7 +343,7 @@ class Composer:
                     raise
                 return _FOLDED
             merge_adapters(self.model, names, weights, method, into=into, **kwargs)
-            self._adopt(into)
+            self.cache.adopt(into)
             return into
 
     def unmerge(self) -> None:
@@ -313,7 +352,7 @@ class Composer:
         Raises:
             ComposerError: while calls or ``using()`` blocks are in flight.
         """
-        with self._lock:
+        with self.cache.lock:
             if self.model.merged_adapter is None:
                 return
             self._refuse_in_flight("unmerge()")
@@ -325,89 +364,36 @@ class Composer:
                 self.model.unmerge()
 
     # ------------------------------------------------------------------ internals
-    def _known(self, ref: str) -> str | None:
-        if ref in self._refs and self._refs[ref] in self._entries:
-            return self._refs[ref]
-        return None
-
-    def _resolve(self, refs: list) -> list:
-        """Checked entries (reference, None, tuple of references = a stack) → model entries, loading what is
-        missing (LRU-evicting others, never these). Called with the lock held."""
-        flat = list(dict.fromkeys(r for e in refs for r in _members(e)))
-        names = {r: self._known(r) for r in flat}
-        protect = {n for n in names.values() if n is not None}
-        for ref in flat:
-            if names[ref] is None:
-                names[ref] = self._known(ref) or self._load(ref, protect=protect)
-                protect.add(names[ref])
-        for name in dict.fromkeys(names.values()):
-            self._touch(name)
-        return [tuple(names[r] for r in e) if isinstance(e, tuple) else None if e is None else names[e] for e in refs]  # fmt: skip
-
-    def _checked_entries(self, adapters, n: int, single: bool = False) -> list:
-        """``adapters`` as one entry per row: one entry (a reference, None, a tuple = a stack; always with
-        ``single``) for all ``n`` rows, or one per row. Every malformed entry is reported at once, before
-        anything is loaded."""
-        single = single or adapters is None or isinstance(adapters, (str, tuple)) or not hasattr(adapters, "__iter__")  # fmt: skip
-        rows = [adapters] if single else list(adapters)
-        if not single and len(rows) != n:
-            raise ComposerError(f"got {len(rows)} adapters for {n} rows: pass one per row, or one for all")
-        labels = ["adapters"] if single else [f"row {i}" for i in range(n)]
-        problems = [
-            f"{at}: {p}"
-            for at, e in zip(labels, rows, strict=True)
-            if (p := routing_entry_problem(e, "references"))
-        ]
-        if problems:
-            raise ComposerError(
-                f"{'; '.join(problems[:8])}{' ...' if len(problems) > 8 else ''}. Expected a registry reference "
-                "('news', 'news@2', 'news@prod'), None (the bare base), or a tuple of references (a stack, "
-                "e.g. ('shared', 'news')) per row, or one of those for all rows."
-            )
-        return rows * n if single else rows
-
-    def _row_adapters(self, adapters, n: int) -> list:
-        """One model entry per row (loading what is missing); None: this thread's active adapter."""
-        if adapters is None:
-            return [self.model.active_adapter] * n
-        return self._resolve(self._checked_entries(adapters, n))
-
     @contextmanager
-    def _lease(self, adapters, n: int, single: bool = False) -> Iterator[list]:
+    def _lease(self, adapters: Any, n: int, single: bool = False) -> Iterator[list[Entry]]:
         """Resolve (and load) one call's adapters and hold them until it ends: while held they are in use,
-        so no other thread's load evicts them. The lock is not held while the call itself runs."""
-        with self._lock:
+        so no other thread's load evicts them. The cache's lock is not held while the call itself runs."""
+        with self.cache.lock:  # resolve and hold in one step: no other thread's load evicts in between
             if single:  # using(ref): None is the bare base
-                names = self._resolve(self._checked_entries(adapters, 1, single=True))
-            else:  # a call: None is this thread's active adapter
-                names = self._row_adapters(adapters, n)
-            held = [self._entries[m] for m in dict.fromkeys(m for e in names for m in _members(e)) if m in self._entries]  # fmt: skip
-            for e in held:
-                e.in_use += 1
-            self._calls += 1
-        try:
+                names = self.cache.resolve_entries(row_entries(adapters, 1, single=True))
+            elif adapters is None:  # a call without adapters: this thread's active adapter
+                names = [self.model.active_adapter] * n
+            else:
+                names = self.cache.resolve_entries(row_entries(adapters, n))
+            lease = self.cache.hold(names)
+        with lease:
             yield names
-        finally:
-            with self._lock:
-                self._calls -= 1
-                for e in held:
-                    e.in_use -= 1
-                self._fit_budget(protect=(), strict=False)  # evict what others' calls kept over budget
 
     def _refuse_in_flight(self, what: str) -> None:
-        if self._calls:
+        if self.cache.in_flight:
             raise ComposerError(
-                f"{what} changes the base weights every call shares: refused while {self._calls} call(s) or "
-                "using() block(s) are in flight in other threads; retry when they end"
+                f"{what} changes the base weights every call shares: refused while {self.cache.in_flight} "
+                "call(s) or using() block(s) are in flight in other threads; retry when they end"
             )
 
-    def _head(self, entry) -> str | None:
+    def _head(self, entry: Entry) -> str | None:
         """The adapter whose head labels a row: its own, or a stack's last adapter that has one."""
-        return next((m for m in reversed(_members(entry)) if self.model.head_config(m) is not None), None)
+        return next(
+            (m for m in reversed(entry_members(entry)) if self.model.head_config(m) is not None), None
+        )
 
-    def _ref_of(self, entry) -> str:
-        refs = [self._entries[m].ref if m in self._entries else m for m in _members(entry)]
-        return "+".join(refs)
+    def _ref_of(self, entry: Entry) -> str:
+        return "+".join(self.cache.ref(m) for m in entry_members(entry))
 
     def _positions(self) -> tuple[str, int] | None:
         """(config name, value) of the base's number of positions, if it has a fixed one."""
@@ -418,14 +404,14 @@ class Composer:
                 return key, getattr(cfg, key)
         return None
 
-    def _prefix_length(self, names) -> int:
+    def _prefix_length(self, names: Sequence[Entry]) -> int:
         """The longest prefix among ``names`` (its tokens take positions before the text's)."""
         rows = {e if isinstance(e, tuple) else (e,) for e in names}
         return max(
             (sum(self.model.added_positions(m) for m in row if m is not None) for row in rows), default=0
         )
 
-    def _check_room(self, prompt_len: int, max_new_tokens: int, names) -> None:
+    def _check_room(self, prompt_len: int, max_new_tokens: int, names: Sequence[Entry]) -> None:
         limit = self._positions()
         prefix = self._prefix_length(names)
         if limit is not None and prompt_len + max_new_tokens + prefix > limit[1]:
@@ -436,94 +422,14 @@ class Composer:
                 "max_new_tokens."
             )
 
-    def _load(self, ref: str, protect) -> str:
-        if self.registry is None:
-            raise ComposerError(
-                f"{ref!r} is not attached and this composer has no registry; attached: {self.model.adapter_names}"
-            )
-        record = self.registry.resolve(ref)
-        if record.ref in self._refs and self._refs[record.ref] in self._entries:  # "news" after "news@2"
-            self._refs[ref] = self._refs[record.ref]
-            return self._refs[ref]
-        taken = set(self.model.adapter_names)
-        name = record.name if record.name not in taken else f"{record.name}-v{record.version}"
-        if name in taken:
-            raise ComposerError(f"cannot attach {record.ref}: an adapter named {name!r} is already attached")
-        self.registry.load(self.model, record.ref, name=name)
-        self._entries[name] = _Entry(name, record.ref, self._nbytes(name))
-        self._refs[ref] = self._refs[record.ref] = name
-        try:
-            self._fit_budget(protect={*protect, name})
-        except ComposerError:
-            self._drop(name)
-            raise
-        return name
-
-    def _fit_budget(self, protect, strict: bool = True) -> None:
-        """Evict least recently used adapters until the budget holds, never pinned, default, in-use or
-        ``protect`` ones. Adapters other threads' calls hold may keep it over budget for a while: that is
-        allowed (they are evicted as those calls end); ``strict``: fail if ``protect`` cannot fit even so."""
-
-        if self.max_adapters is None and self.max_bytes is None:
-            return
-
-        def over(entries) -> bool:
-            return (self.max_adapters is not None and len(entries) > self.max_adapters) or (
-                self.max_bytes is not None and sum(e.nbytes for e in entries) > self.max_bytes
-            )
-
-        registry_entries = [e for e in self._entries.values() if e.from_registry]  # least recent first
-        default = set(_members(self.model.default_adapter))
-        keep = [e for e in registry_entries if e.pinned or e.name in protect or e.name in default]
-        while over(registry_entries):
-            victim = next((e for e in registry_entries if e not in keep and not e.in_use), None)
-            if victim is None:
-                if strict and over(keep):
-                    raise ComposerError(
-                        f"the budget (max_adapters={self.max_adapters}, max_bytes={self.max_bytes}) cannot hold "
-                        f"{sorted(protect)} with the pinned/active adapters "
-                        f"{[e.ref for e in keep if e.name not in protect]}: raise the budget, unpin, or route "
-                        "fewer adapters per batch"
-                    )
-                return  # over only by adapters other calls are using: met again when they end
-            self._drop(victim.name)
-            registry_entries.remove(victim)
-
-    def _drop(self, name: str) -> None:
-        if self.model.merged_adapter == name:
-            self.model.unmerge()
-        self.model.remove_adapter(name)
-        del self._entries[name]
-        for ref in [r for r, n in self._refs.items() if n == name]:
-            del self._refs[ref]
-
-    def _adopt(self, name: str) -> None:
-        self._entries[name] = _Entry(name, name, self._nbytes(name), from_registry=False)
-        self._refs[name] = name
-
-    def _nbytes(self, name: str) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.adapter_parameters(name).values())
-
-    def _touch(self, name: str) -> None:
-        if name in self._entries:
-            self._entries.move_to_end(name)
-
     def _labels(self, name: str | None, n: int) -> list[str]:
-        head = self.model.head_config(name)
+        head = self.model.head_config(name) if name is not None else None
         names = list(head.label_names) if head is not None and head.label_names else []
         return names if len(names) == n else [str(i) for i in range(n)]
 
-    def _tokenizer(self):
+    def _tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is None:
             raise ComposerError(
                 "this composer has no tokenizer: pass tokenizer=... (the packaged bases load their own)"
             )
         return self.tokenizer
-
-    def _device(self) -> torch.device:
-        return next(self.model.base.parameters()).device
-
-
-def _members(entry) -> tuple:
-    """The adapters of one routing entry (a stack's members; none for None)."""
-    return entry if isinstance(entry, tuple) else () if entry is None else (entry,)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ import torch
 from ..core.config import HeadConfig
 from ..core.heads import pool
 from .merging import add_factors, cat_factors, lora_factors
+
+if TYPE_CHECKING:
+    from .composer import Composer
 
 __all__ = ["CompositionResult", "compose", "compose_zero_shot"]
 
@@ -46,13 +50,15 @@ class CompositionResult:
 class _Mixer:
     """The composed adapter, attached once; ``set(w)`` rescales its B columns in place (no re-attach)."""
 
-    def __init__(self, composer, names: list[str], into: str, num_labels: int, label_names) -> None:
+    def __init__(
+        self, composer: Composer, names: list[str], into: str, num_labels: int, label_names: Sequence[str]
+    ) -> None:
         self.composer, self.model, self.names, self.into = composer, composer.model, names, into
         parts = [(lora_factors(self.model, n), 1.0) for n in names]
-        head = HeadConfig(num_labels=num_labels, pooling="mean", dropout=0.0, label_names=label_names)
+        head = HeadConfig(num_labels=num_labels, pooling="mean", dropout=0.0, label_names=tuple(label_names))
         state = {"classifier.weight": torch.zeros(num_labels, self.model.hidden_size), "classifier.bias": torch.zeros(num_labels)}  # fmt: skip
         add_factors(self.model, into, cat_factors(parts), head=head, head_state=state)
-        composer._adopt(into)
+        composer.cache.adopt(into)
         self.columns = []  # (B parameter, original B, [(source index, lo, hi)])
         for path, (_, B, _) in self.model.factors(into).items():
             lo, spans = 0, []
@@ -71,12 +77,9 @@ class _Mixer:
 
     @torch.no_grad()
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-        tok, out = self.composer._tokenizer(), []
+        out = []
         for start in range(0, len(texts), batch_size):
-            enc = tok(
-                list(texts[start : start + batch_size]), padding=True, truncation=True, return_tensors="pt"
-            )
-            enc = {k: v.to(self.composer._device()) for k, v in enc.items()}
+            enc = self.composer.tokenize(texts[start : start + batch_size])
             backbone = self.model.backbone
             with self.model.routed(self.into, enc["input_ids"].shape[0]):
                 hidden = backbone(**enc).last_hidden_state
@@ -110,12 +113,20 @@ def _loo_loss(h: torch.Tensor, y: torch.Tensor, k: int) -> tuple[float, float]:
 def _set_head(mixer: _Mixer, h: torch.Tensor, y: torch.Tensor, k: int) -> None:
     mu = _centroids(h, y, k)
     scale = 1.0 / torch.cdist(h, mu).pow(2).mean().clamp(min=1e-12)
-    linear = mixer.model.heads[mixer.into].classifier
+    linear = cast(torch.nn.Linear, mixer.model.heads[mixer.into].classifier)
     linear.weight.copy_(scale * mu)
     linear.bias.copy_(-0.5 * scale * mu.pow(2).sum(1))
 
 
-def _accuracy(mixer: _Mixer, w, h_train, y_train, k, eval_texts, y_eval) -> float:
+def _accuracy(
+    mixer: _Mixer,
+    w: np.ndarray,
+    h_train: torch.Tensor,
+    y_train: torch.Tensor,
+    k: int,
+    eval_texts: Sequence[str],
+    y_eval: torch.Tensor,
+) -> float:
     mixer.set(w)
     h = mixer.embed(eval_texts)
     mu = _centroids(h_train, y_train, k)
@@ -133,7 +144,7 @@ def _labels(labels: Sequence, label_names: Sequence[str] | None) -> tuple[torch.
 
 
 def compose(
-    composer,
+    composer: Composer,
     refs: Sequence[str],
     texts: Sequence[str],
     labels: Sequence,
@@ -159,16 +170,19 @@ def compose(
         eval_texts / eval_labels: held-out data for the accuracy report (composed vs base vs each single).
 
     Raises:
-        ValueError: fewer than 2 classes, a class without examples, non-LoRA candidates, mismatched lengths.
+        ValueError: fewer than 2 classes, a class without examples, non-LoRA candidates, mismatched lengths,
+            eval_texts without eval_labels.
     """
     if len(texts) != len(labels):
         raise ValueError(f"got {len(texts)} texts but {len(labels)} labels")
+    if eval_texts is not None and eval_labels is None:
+        raise ValueError("got eval_texts without eval_labels: pass one label per evaluation text")
     y, names_of_labels = _labels(labels, label_names)
     k = len(names_of_labels)
     missing = [names_of_labels[c] for c in range(k) if int((y == c).sum()) == 0]
     if k < 2 or missing:
         raise ValueError(f"need examples of at least 2 classes and of every class; no examples of {missing}")
-    names = composer._resolve(list(refs))
+    names = composer.resolve(list(refs))
     not_lora = [n for n in names if not composer.model.can_merge(n)]
     if not_lora:
         raise ValueError(f"only LoRA adapters can be composed; {not_lora} are not")
@@ -194,23 +208,23 @@ def compose(
         sigma *= 0.85
     objective, w_best = min(seen, key=lambda s: s[0])
     accuracy = None
-    if eval_texts is not None:
+    if eval_texts is not None and eval_labels is not None:
         y_eval, _ = _labels(eval_labels, names_of_labels)
-        settings = {"composed": w_best, "base": np.zeros(n), **{composer._entries[m].ref: e for m, e in zip(names, np.eye(n), strict=True)}}  # fmt: skip
+        settings = {"composed": w_best, "base": np.zeros(n), **{composer.cache.ref(m): e for m, e in zip(names, np.eye(n), strict=True)}}  # fmt: skip
         accuracy = {}
         for label, w in settings.items():
             mixer.set(w)
             accuracy[label] = _accuracy(mixer, w, mixer.embed(texts), y, k, eval_texts, y_eval)
     mixer.set(w_best)
     _set_head(mixer, mixer.embed(texts), y, k)
-    refs_out = [composer._entries[m].ref for m in names]
+    refs_out = [composer.cache.ref(m) for m in names]
     return CompositionResult(
         into, dict(zip(refs_out, map(float, w_best), strict=True)), objective, len(seen), accuracy
     )
 
 
 def compose_zero_shot(
-    composer,
+    composer: Composer,
     refs: Sequence[str],
     description: str,
     label_names: Sequence[str],
@@ -222,11 +236,12 @@ def compose_zero_shot(
     """Zero-shot composition: weights = softmax over the ``top_k`` candidates most similar to
     ``description`` (cosine of base-model embeddings of the descriptions in their registry cards), and
     class centroids from the embedded ``label_names``."""
-    names = composer._resolve(list(refs))
+    names = composer.resolve(list(refs))
     cards = []
+    registry = composer.registry
     for m in names:
-        entry = composer._entries[m]
-        card = composer.registry.show(entry.ref)["card"] if entry.from_registry and composer.registry else {}
+        from_registry = registry is not None and composer.cache.from_registry(m)
+        card = registry.show(composer.cache.ref(m))["card"] if registry is not None and from_registry else {}
         cards.append(" ".join(str(x) for x in [card.get("description") or "", card.get("task") or m, *(card.get("label_names") or [])]))  # fmt: skip
     mixer = _Mixer(composer, names, into, len(label_names), tuple(label_names))
     mixer.set(np.zeros(len(names)))
@@ -239,5 +254,5 @@ def compose_zero_shot(
     mixer.set(w)
     h = mixer.embed(list(label_names))
     _set_head(mixer, h, torch.arange(len(label_names)), len(label_names))
-    refs_out = [composer._entries[m].ref for m in names]
+    refs_out = [composer.cache.ref(m) for m in names]
     return CompositionResult(into, dict(zip(refs_out, map(float, w), strict=True)), float("nan"), 1)

@@ -1,9 +1,10 @@
 """Merging LoRA adapters in ΔW space.
 
-Methods (``merge_adapters(model, names, weights, method=...)``):
+Methods (``merge_adapters(model, names, weights, method=...)``, listed in :data:`MERGE_METHODS`):
 
-  cat              exact: ΔW = Σ_i w_i·s_i·B_i·A_i = [w_1·s_1·B_1, …]·[A_1; …], rank Σ r_i, scale 1. It is
-                   what a stack ("shared", "news") computes, so a trained stack can be published as one
+  cat              the default (:data:`DEFAULT_MERGE_METHOD`): exact for any weights and ranks,
+                   ΔW = Σ_i w_i·s_i·B_i·A_i = [w_1·s_1·B_1, …]·[A_1; …], rank Σ r_i, scale 1. It is what a
+                   stack ("shared", "news") computes, so a trained stack can be published as one
                    self-contained adapter that PEFT loads.
   linear           PEFT's factor-wise combination: A' = Σ √(|w_i|·s_i)·A_i, B' = Σ sign(w_i)·√(|w_i|·s_i)·B_i
                    (equal ranks required; exact for one adapter, cross terms otherwise).
@@ -20,22 +21,52 @@ leaves the model unchanged.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
+import warnings
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from ..methods import LoraConfig
 
-__all__ = ["METHODS", "LoraFactors", "add_factors", "cat_factors", "lora_factors", "merge_adapters"]
+if TYPE_CHECKING:
+    from ..core.config import HeadConfig
+    from ..core.model import AdapterModel
 
-METHODS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+__all__ = [
+    "DEFAULT_MERGE_METHOD",
+    "MERGE_METHODS",
+    "LoraFactors",
+    "add_cat",
+    "add_factors",
+    "cat_factors",
+    "lora_factors",
+    "merge_adapters",
+]
+
+MERGE_METHODS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+# cat: exact for any weights and ranks (linear has cross terms and needs equal ranks)
+DEFAULT_MERGE_METHOD = "cat"
 
 # {module path: (A (r, in), B (out, r), scale)}
 LoraFactors = Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]
 
 
-def lora_factors(model, name: str, tensors: Mapping[str, torch.Tensor] | None = None) -> dict:
+def __getattr__(name: str) -> object:
+    if name == "METHODS":  # the old name, which read like the adapter methods of adapters_mtl.methods
+        warnings.warn(
+            "adapters_mtl.serving.merging.METHODS is now MERGE_METHODS (the old name goes in adapters_mtl 0.3)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return MERGE_METHODS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def lora_factors(model: AdapterModel, name: str, tensors: dict[str, torch.Tensor] | None = None) -> dict:
     """The factors of adapter ``name``: ``{path: (A, B, scale)}`` (:meth:`AdapterModel.factors`).
 
     ``tensors`` (keys as in ``model.adapter_parameters(name)``) replaces the live values, e.g. a snapshot.
@@ -58,7 +89,7 @@ def cat_factors(parts: Sequence[tuple[LoraFactors, float]]) -> dict[str, tuple[t
     return out
 
 
-def _linear_factors(parts, names) -> dict:
+def _linear_factors(parts: Sequence[tuple[LoraFactors, float]], names: Sequence[str]) -> dict:
     out = {}
     for path in dict.fromkeys(p for factors, _ in parts for p in factors):
         ranks = {n: f[path][0].shape[0] for (f, _), n in zip(parts, names, strict=True) if path in f}
@@ -67,13 +98,14 @@ def _linear_factors(parts, names) -> dict:
                 f"method 'linear' combines A and B factor by factor, so ranks must match; at {path} the ranks "
                 f"are {ranks}. Use method='cat' (exact) or 'svd' (any ranks)."
             )
-        A = B = 0
+        As, Bs = [], []
         for factors, w in parts:
             if path in factors:
                 a, b, scale = factors[path]
                 c = math.sqrt(abs(w) * scale)
-                A, B = A + c * a, B + math.copysign(c, w) * b
-        out[path] = (A, B)
+                As.append(c * a)
+                Bs.append(math.copysign(c, w) * b)
+        out[path] = (functools.reduce(operator.add, As), functools.reduce(operator.add, Bs))
     return out
 
 
@@ -88,7 +120,13 @@ def _low_rank_svd(A: torch.Tensor, B: torch.Tensor, k: int) -> tuple[torch.Tenso
     return new_A.to(A.dtype).contiguous(), new_B.to(B.dtype).contiguous()
 
 
-def _svd_factors(parts, method: str, rank: int | None, density: float, majority_sign_method: str, seed: int):
+def _svd_factors(
+    parts: Sequence[tuple[LoraFactors, float]],
+    method: str,
+    rank: int | None,
+    density: float,
+    majority_sign_method: Literal["total", "frequency"],
+) -> dict:
     from peft.utils import merge_utils
 
     out = {}
@@ -102,7 +140,7 @@ def _svd_factors(parts, method: str, rank: int | None, density: float, majority_
         (a0, b0, _), _ = present[0]
         deltas = [(b.float() @ a.float()) * scale for (a, b, scale), _ in present]
         weights = torch.tensor([w for _, w in present], dtype=torch.float32)
-        if method == "svd" or (density >= 1.0 and method in ("magnitude_prune", "dare_linear")):
+        if density >= 1.0 and method in ("magnitude_prune", "dare_linear"):
             delta = sum(w * d for w, d in zip(weights.tolist(), deltas, strict=True))
         elif method == "ties":
             delta = merge_utils.ties(deltas, weights, density, majority_sign_method)
@@ -117,16 +155,16 @@ def _svd_factors(parts, method: str, rank: int | None, density: float, majority_
 
 
 def merge_adapters(
-    model,
+    model: AdapterModel,
     names: Sequence[str],
     weights: Sequence[float] | None = None,
-    method: str = "cat",
+    method: str = DEFAULT_MERGE_METHOD,
     into: str = "merged",
     head: str | None = "last",
     *,
     rank: int | None = None,
     density: float = 1.0,
-    majority_sign_method: str = "total",
+    majority_sign_method: Literal["total", "frequency"] = "total",
     seed: int = 0,
 ) -> str:
     """Merge the LoRA adapters ``names`` into a new adapter ``into`` of ``model``.
@@ -134,7 +172,7 @@ def merge_adapters(
     Args:
         names: adapters to merge (LoRA only).
         weights: one weight per adapter (default 1 each).
-        method: one of :data:`METHODS` (see the module docstring).
+        method: one of :data:`MERGE_METHODS` (see the module docstring); default ``cat``.
         into: the new adapter's name.
         head: ``"last"`` copies the head of the last adapter that has one, a name copies that adapter's
             head, ``None`` adds no head.
@@ -160,8 +198,8 @@ def merge_adapters(
         raise ValueError(
             f"got {len(weights)} weights for {len(names)} adapters {names}: pass one per adapter"
         )
-    if method not in METHODS:
-        raise ValueError(f"unknown merge method {method!r}; expected one of {list(METHODS)}")
+    if method not in MERGE_METHODS:
+        raise ValueError(f"unknown merge method {method!r}; expected one of {list(MERGE_METHODS)}")
     bad = [w for w in weights if not math.isfinite(w)]
     if bad:
         raise ValueError(f"weights must be finite numbers, got {weights}")
@@ -186,7 +224,7 @@ def merge_adapters(
     else:
         with torch.random.fork_rng(devices=[]):  # DARE's random pruning: seeded, global RNG untouched
             torch.manual_seed(seed)
-            factors = _svd_factors(parts, method, rank, density, majority_sign_method, seed)
+            factors = _svd_factors(parts, method, rank, density, majority_sign_method)
     dropout = max(c.dropout for n in names for c in model.adapter_config(n))
     head_cfg = model.head_config(source) if source else None
     head_state = model.heads[source].state_dict() if source else None
@@ -194,13 +232,27 @@ def merge_adapters(
     return into
 
 
-def add_cat(model, into: str, parts, dropout: float = 0.0, head=None, head_state=None) -> str:
+def add_cat(
+    model: AdapterModel,
+    into: str,
+    parts: Sequence[tuple[LoraFactors, float]],
+    dropout: float = 0.0,
+    head: HeadConfig | None = None,
+    head_state: Mapping[str, torch.Tensor] | None = None,
+) -> str:
     """Add adapter ``into`` = the ``cat`` merge of ``parts`` (``[(factors, weight), ...]``)."""
     return add_factors(model, into, cat_factors(parts), dropout, head, head_state)
 
 
 @torch.no_grad()
-def add_factors(model, into: str, factors, dropout: float = 0.0, head=None, head_state=None) -> str:
+def add_factors(
+    model: AdapterModel,
+    into: str,
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    dropout: float = 0.0,
+    head: HeadConfig | None = None,
+    head_state: Mapping[str, torch.Tensor] | None = None,
+) -> str:
     """Add LoRA adapter ``into`` with scale 1 and the given ``{path: (A, B)}`` (per-module ranks), and an
     optional head (a ``HeadConfig`` and its ``state_dict``). Nothing stays attached on error."""
     ranks = {p: a.shape[0] for p, (a, _) in factors.items()}
@@ -221,7 +273,7 @@ def add_factors(model, into: str, factors, dropout: float = 0.0, head=None, head
             live[path][0].copy_(A)
             live[path][1].copy_(B)
         if head is not None:
-            model.heads[into].load_state_dict(head_state)
+            model.heads[into].load_state_dict(head_state or {})  # strict: no state is an error
     except Exception:
         model.remove_adapter(into)
         raise

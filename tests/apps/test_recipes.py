@@ -26,10 +26,11 @@ def bases(tmp_path_factory):
     tok.eos_token = "[SEP]"
     root = tmp_path_factory.mktemp("bases")
     out = {}
+    shape = {"vocab_size": tok.vocab_size, "max_position_embeddings": 256}
     for name, model in (
-        ("minilm", tiny("bert", vocab_size=tok.vocab_size, max_position_embeddings=256)),
-        ("smollm2", tiny("llama", vocab_size=tok.vocab_size, max_position_embeddings=256, pad_token_id=tok.pad_token_id)),
-    ):  # fmt: skip
+        ("minilm", tiny("bert", **shape)),
+        ("smollm2", tiny("llama", **shape, pad_token_id=tok.pad_token_id)),
+    ):
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
         out[name] = root / name
@@ -38,8 +39,13 @@ def bases(tmp_path_factory):
 
 def _overrides(path: Path, folder: Path, tmp_path: Path) -> list[str]:
     n = len(load_recipe(path)["tasks"])
-    return [f"base={folder}", "train.steps=2", "train.eval_every=1", f"train.output_dir={tmp_path / 'run'}",
-            f"registry={tmp_path / 'reg'}"] + [f"tasks.{i}.limit=40" for i in range(n)]  # fmt: skip
+    return [
+        f"base={folder}",
+        "train.steps=2",
+        "train.eval_every=1",
+        f"train.output_dir={tmp_path / 'run'}",
+        f"registry={tmp_path / 'reg'}",
+    ] + [f"tasks.{i}.limit=40" for i in range(n)]
 
 
 def _publish_tiny_adapters(folder: Path, registry: Path, names=("news", "tone")) -> None:

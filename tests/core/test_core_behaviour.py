@@ -97,7 +97,7 @@ def test_activate_is_constant_time_and_plain_calls_use_it(monkeypatch):
         for name in model.adapter_names:  # warm the per-name cache
             model.activate(name)
 
-        def boom(*a, **k):
+        def boom(*_args, **_kwargs):
             raise AssertionError("activate() walked the module tree")
 
         monkeypatch.setattr(torch.nn.Module, "modules", boom)

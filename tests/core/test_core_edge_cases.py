@@ -27,7 +27,7 @@ def test_adapters_on_different_modules_and_layers_mix():
     model.add_adapter("v2", LoraConfig(r=3, targets=("v_proj",), init="random", layers_to_transform=(1,)))
     model.add_adapter("d", LoraConfig(r=2, targets=("down_proj",), init="random", layers_to_transform=(0,)))
     for strategy in ("gather", "group"):
-        model._route.strategy = strategy
+        model.routing_strategy = strategy
         _rows_match(model, batch(5, 6), ["q", "v", "v2", "d", None])
 
 
@@ -40,7 +40,7 @@ def test_each_row_gets_its_own_dropout_in_training():
     with torch.no_grad():
         alone = model(**{k: v[:1] for k, v in inputs.items()}, adapters="calm").logits[0]
         for strategy in ("gather", "group"):
-            model._route.strategy = strategy
+            model.routing_strategy = strategy
             mixed = model(**inputs, adapters=["calm", "noisy"]).logits
             torch.testing.assert_close(mixed[0], alone, atol=1e-5, rtol=0)
     # and with autograd (the training path) too
@@ -159,7 +159,7 @@ def test_peft_config_options_are_honoured_or_refused():
         )
         ours = AdapterModel(copy.deepcopy(base))
         ours.add_adapter("x", cfg)
-        assert sorted(ours._methods["lora"].targets["x"]) == want
+        assert sorted(ours.method("lora").targets["x"]) == want
     with pytest.raises(ValueError, match="init_lora_weights='pissa'"):
         AdapterModel(copy.deepcopy(base)).add_adapter(
             "y", peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa")

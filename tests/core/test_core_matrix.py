@@ -13,6 +13,8 @@ from adapters_mtl import AdapterModel
 from adapters_mtl.files.folder import load_peft_state_dict
 
 METHODS = ["lora", "prefix", "lora+prefix"]
+
+
 def model_with(family: str, method: str, n: int = 2) -> AdapterModel:
     model = AdapterModel(tiny(family))
     torch.manual_seed(123)

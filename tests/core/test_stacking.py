@@ -36,7 +36,7 @@ def test_a_stack_equals_one_adapter_with_concatenated_ranks():
     """ΔW = s1·B1·A1 + s2·B2·A2 = [s1·B1, s2·B2]·[A1; A2]: one rank-(r1+r2) adapter with scale 1."""
     model = _model()
     model.add_adapter("sum", LoraConfig(r=7, alpha=7, targets=LORA_TARGETS["llama"], init="zeros"))
-    lora = model._methods["lora"]
+    lora = model.method("lora")
     with torch.no_grad():
         for path in lora.targets["sum"]:
             layer = lora.layers[path]

@@ -19,8 +19,16 @@ from adapters_mtl.data.bases import load_base
 from adapters_mtl.files.folder import load_adapter, save_adapter
 from adapters_mtl.registry import AdapterRegistry
 
-SMALL = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="sdpa")  # fmt: skip
+SMALL = dict(
+    vocab_size=120,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=48,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    attn_implementation="sdpa",
+)
 
 
 def _bert_cls():
@@ -39,8 +47,18 @@ def _roberta_cls():
 def _distilbert_cls():
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-    cfg = DistilBertConfig(vocab_size=120, dim=32, n_layers=2, n_heads=4, hidden_dim=48, max_position_embeddings=64,
-                           dropout=0.0, attention_dropout=0.0, attn_implementation="sdpa", num_labels=3)  # fmt: skip
+    cfg = DistilBertConfig(
+        vocab_size=120,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        hidden_dim=48,
+        max_position_embeddings=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+        attn_implementation="sdpa",
+        num_labels=3,
+    )
     return DistilBertForSequenceClassification(cfg)
 
 
@@ -102,8 +120,11 @@ def test_cli_import_peft_of_a_task_class_adapter_loads_with_peft_outputs(tmp_pat
     base, ref = _made_with_peft(case, tmp_path)
     assert not (tmp_path / "base" / "tokenizer_config.json").exists()  # import-peft needs no tokenizer
     reg = tmp_path / "reg"
-    code, out, err = _cli(capsys, "registry", "--root", str(reg), "--json", "import-peft", str(tmp_path / "peft"),
-                          "--name", "imp", "--base", str(tmp_path / "base"))  # fmt: skip
+    registry = ["registry", "--root", str(reg), "--json"]
+    peft_folder, base_folder = str(tmp_path / "peft"), str(tmp_path / "base")
+    code, out, err = _cli(
+        capsys, *registry, "import-peft", peft_folder, "--name", "imp", "--base", base_folder
+    )
     assert code == 0, err
     assert json.loads(out) == {"ref": "imp@1"}
 
@@ -180,16 +201,19 @@ def _llama_folder(tmp_path):
 def test_folder_without_tokenizer_imports_and_text_commands_name_it(tmp_path, capsys):
     folder = _llama_folder(tmp_path)
     root = str(tmp_path / "reg")
-    code, out, err = _cli(capsys, "registry", "--root", root, "--json", "import-peft", str(tmp_path / "peft"),
-                          "--name", "imp", "--base", str(folder))  # fmt: skip
+    registry = ["registry", "--root", root, "--json"]
+    code, out, err = _cli(
+        capsys, *registry, "import-peft", str(tmp_path / "peft"), "--name", "imp", "--base", str(folder)
+    )
     assert code == 0, err
     for command in ("generate", "predict"):
         code, _, err = _cli(capsys, command, "hello", "-a", "imp", "--base", str(folder), "--registry", root)
         assert code == 2
         assert str(folder) in err and "no tokenizer" in err and "tokenizer.save_pretrained" in err, err
     # merging tokenizes nothing: the same folder is enough
-    code, out, err = _cli(capsys, "merge", "-a", "imp", "--name", "merged", "--base", str(folder),
-                          "--registry", root, "--json")  # fmt: skip
+    code, out, err = _cli(
+        capsys, "merge", "-a", "imp", "--name", "merged", "--base", str(folder), "--registry", root, "--json"
+    )
     assert code == 0, err
 
 

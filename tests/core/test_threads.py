@@ -88,7 +88,8 @@ def test_routed_forwards_in_threads_equal_the_same_calls_alone():
         got = model.generate(**x, adapters=["b", "p", None, "a"], max_new_tokens=3, do_sample=False)
         return torch.equal(got, want_gen)
 
-    jobs = [routed(r, w) for r, w in zip(ROUTES, want, strict=True)] + [lambda: _close(model(**x).logits, want_plain)]  # fmt: skip
+    jobs = [routed(r, w) for r, w in zip(ROUTES, want, strict=True)]
+    jobs.append(lambda: _close(model(**x).logits, want_plain))
     with torch.no_grad():
         wrong, errors = _hammer(jobs)
         gen_wrong, gen_errors = _hammer([generate] * 2, calls=5)
@@ -128,7 +129,7 @@ def test_a_compiled_model_follows_each_threads_routing():
     """The routing read sits inside compiled layers: it must be guarded data, not a graph break."""
     from torch._dynamo.testing import CompileCounter
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     model = _model()
     model.static_routing(True)
     counter = CompileCounter()
@@ -150,7 +151,7 @@ def test_a_compiled_model_follows_each_threads_routing():
             t.join()
         torch.testing.assert_close(got["other"], want["a"], atol=1e-5, rtol=0)
         torch.testing.assert_close(compiled(**x).logits, want["a"], atol=1e-5, rtol=0)
-    torch._dynamo.reset()
+    torch.compiler.reset()
 
 
 # ---------------------------------------------------------------------------------------- composer
@@ -210,7 +211,10 @@ def test_routed_predicts_in_threads_equal_the_same_calls_alone(world):
     c = _composer(world)
     c.use("task0")
     want = [c.predict(TEXTS, adapters=r) for r in _row_sets()]
-    jobs = [lambda r=r, w=w: _same(c.predict(TEXTS, adapters=r), w) for r, w in zip(_row_sets(), want, strict=True)]  # fmt: skip
+    jobs = [
+        lambda r=r, w=w: _same(c.predict(TEXTS, adapters=r), w)
+        for r, w in zip(_row_sets(), want, strict=True)
+    ]
     wrong, errors = _hammer(jobs)
     assert errors == [] and wrong == [], f"{len(wrong)}/{THREADS * CALLS} wrong, errors {errors[:3]}"
     assert c.active == "task0" and _same(c.predict(TEXTS), want[2])

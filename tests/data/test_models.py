@@ -28,7 +28,7 @@ from adapters_mtl.data.bases import (
     ],
 )
 def test_missing_package_names_pip_command(monkeypatch, locate, command):
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args, **kwargs: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda *_args, **_kwargs: None)
     with pytest.raises(ModelNotInstalledError, match=command.replace(".", r"\.")):
         locate()
     assert issubclass(ModelNotInstalledError, RuntimeError)
@@ -64,7 +64,7 @@ def test_minilm_real_forward(num_labels):
     model, tokenizer = load_minilm(num_labels)
     assert model.config.hidden_size == 384
     assert model.config.num_hidden_layers == 6
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "sdpa"  # noqa: SLF001 - transformers has no public getter
     enc = tokenizer(["Adapters let one frozen encoder serve many tasks."], return_tensors="pt")
     with torch.no_grad():
         out = model(**enc)

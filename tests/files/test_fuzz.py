@@ -95,8 +95,10 @@ def test_fuzzed_cards(setup, card):
 
 
 @FUZZ
-@given(field=st.sampled_from(["name", "head", "methods", "files", "base_fingerprint", "label_names", "task"]),
-       value=JSON)  # fmt: skip
+@given(
+    field=st.sampled_from(["name", "head", "methods", "files", "base_fingerprint", "label_names", "task"]),
+    value=JSON,
+)
 def test_fuzzed_card_fields(setup, field, value):
     def edit(f):
         card = json.loads((f / "adapter_card.json").read_text())
@@ -109,10 +111,13 @@ def test_fuzzed_card_fields(setup, field, value):
     _check(setup, _variant(setup[0], edit))
 
 
+# keys of a PEFT LoRA adapter_config.json whose value the fuzzer replaces
+PEFT_CONFIG_KEYS = ["r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "peft_type"]
+PEFT_CONFIG_KEYS += ["layers_to_transform", "use_dora", "modules_to_save", "init_lora_weights", "bias"]
+
+
 @FUZZ
-@given(key=st.sampled_from(["r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "peft_type",
-                            "layers_to_transform", "use_dora", "modules_to_save", "init_lora_weights", "bias"]),
-       value=JSON)  # fmt: skip
+@given(key=st.sampled_from(PEFT_CONFIG_KEYS), value=JSON)
 def test_fuzzed_peft_configs(setup, key, value):
     def edit(f):
         cfg = json.loads((f / "adapter_config.json").read_text())
@@ -179,12 +184,52 @@ def test_fuzzed_publish_names_and_aliases(setup, name, alias):
 # ----------------------------------------------------------------------------------------- recipes
 RECIPES = Path(__file__).parents[2] / "recipes"
 RECIPE_TEXT = (RECIPES / "joint_mtl.yaml").read_text()
-KEYS = ["base", "tasks", "tasks.0", "tasks.0.name", "tasks.0.max_length", "tasks.0.limit", "tasks.0.splits",
-        "tasks.1.label_column", "adapter", "adapter.r", "adapter.targets", "train", "train.lr", "train.steps",
-        "train.batch_size", "train.sampling", "train.weighting", "train.patience", "registry", "compose"]  # fmt: skip
-YAML_SCALARS = st.sampled_from(["1e-3", "-5", "0", "yes", "no", "~", "[]", "{}", "'7'", ".nan", "-.inf",
-                                "2026-11-29", "!!python/object:os.system", "*a", "&a 1", "0x1F", "1_000",
-                                "[0.9, 0.1, 0.0]", "{x: 1}", '"\\u0000"'])  # fmt: skip
+KEYS = [
+    "base",
+    "tasks",
+    "tasks.0",
+    "tasks.0.name",
+    "tasks.0.max_length",
+    "tasks.0.limit",
+    "tasks.0.splits",
+    "tasks.1.label_column",
+    "adapter",
+    "adapter.r",
+    "adapter.targets",
+    "train",
+    "train.lr",
+    "train.steps",
+    "train.batch_size",
+    "train.sampling",
+    "train.weighting",
+    "train.patience",
+    "registry",
+    "compose",
+]
+YAML_SCALARS = st.sampled_from(
+    [
+        "1e-3",
+        "-5",
+        "0",
+        "yes",
+        "no",
+        "~",
+        "[]",
+        "{}",
+        "'7'",
+        ".nan",
+        "-.inf",
+        "2026-11-29",
+        "!!python/object:os.system",
+        "*a",
+        "&a 1",
+        "0x1F",
+        "1_000",
+        "[0.9, 0.1, 0.0]",
+        "{x: 1}",
+        '"\\u0000"',
+    ]
+)
 
 
 def _load_or_refuse(text: str, overrides: list[str]) -> None:

@@ -13,21 +13,52 @@ from helpers import batch
 from adapters_mtl import AdapterModel, HeadConfig, LoraConfig
 from adapters_mtl.files.folder import export_peft_classifier
 
-SMALL = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-             max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+SMALL = dict(
+    vocab_size=120,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=48,
+    max_position_embeddings=128,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
 CASES = {
     "bert-seq": ("BertConfig", "BertForSequenceClassification", {}, "seq_cls", {}, ("query", "value")),
     "bert-tok": ("BertConfig", "BertForTokenClassification", {}, "token_cls", {}, ("query", "value")),
-    "roberta": ("RobertaConfig", "RobertaForSequenceClassification", {"pad_token_id": 1}, "seq_cls",
-                {"style": "roberta"}, ("query", "value")),
-    "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification",
-                   {"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 48, "dropout": 0.0,
-                    "attention_dropout": 0.0, "seq_classif_dropout": 0.0}, "seq_cls",
-                   {"style": "distilbert"}, ("q_lin", "v_lin")),
-    "llama": ("LlamaConfig", "LlamaForSequenceClassification",
-              {"num_key_value_heads": 2, "pad_token_id": 0}, "seq_cls", {"pooling": "last", "bias": False},
-              ("q_proj", "v_proj")),
-}  # fmt: skip
+    "roberta": (
+        "RobertaConfig",
+        "RobertaForSequenceClassification",
+        {"pad_token_id": 1},
+        "seq_cls",
+        {"style": "roberta"},
+        ("query", "value"),
+    ),
+    "distilbert": (
+        "DistilBertConfig",
+        "DistilBertForSequenceClassification",
+        {
+            "dim": 32,
+            "n_layers": 2,
+            "n_heads": 4,
+            "hidden_dim": 48,
+            "dropout": 0.0,
+            "attention_dropout": 0.0,
+            "seq_classif_dropout": 0.0,
+        },
+        "seq_cls",
+        {"style": "distilbert"},
+        ("q_lin", "v_lin"),
+    ),
+    "llama": (
+        "LlamaConfig",
+        "LlamaForSequenceClassification",
+        {"num_key_value_heads": 2, "pad_token_id": 0},
+        "seq_cls",
+        {"pooling": "last", "bias": False},
+        ("q_proj", "v_proj"),
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -40,8 +71,11 @@ def test_exported_classifier_gives_our_logits_in_peft(tmp_path, case):
     ).eval()
     backbone = copy.deepcopy(task_model.base_model)
     model = AdapterModel(backbone).eval()
-    model.add_adapter("x", LoraConfig(r=4, targets=targets, init="random"),
-                      head=HeadConfig(kind=kind, num_labels=3, dropout=0.0, **head_kw))  # fmt: skip
+    model.add_adapter(
+        "x",
+        LoraConfig(r=4, targets=targets, init="random"),
+        head=HeadConfig(kind=kind, num_labels=3, dropout=0.0, **head_kw),
+    )
     with torch.no_grad():
         for p in model.heads["x"].parameters():
             p.normal_(0, 0.5)  # not HF's initialisation: the export must carry the head

@@ -21,8 +21,15 @@ peft = pytest.importorskip("peft")
 T = pytest.importorskip("transformers")
 
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
-_BERT = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-             max_position_embeddings=64, attn_implementation="sdpa")  # fmt: skip
+_BERT = dict(
+    vocab_size=120,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=48,
+    max_position_embeddings=64,
+    attn_implementation="sdpa",
+)
 
 
 def _bert(cls, **kw):
@@ -35,28 +42,56 @@ def _roberta():
 
 
 def _distilbert():
-    cfg = T.DistilBertConfig(vocab_size=120, dim=32, n_layers=2, n_heads=4, hidden_dim=48,
-                             max_position_embeddings=64, num_labels=3, id2label=LABELS, attn_implementation="sdpa")  # fmt: skip
+    cfg = T.DistilBertConfig(
+        vocab_size=120,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        hidden_dim=48,
+        max_position_embeddings=64,
+        num_labels=3,
+        id2label=LABELS,
+        attn_implementation="sdpa",
+    )
     return T.DistilBertForSequenceClassification(cfg)
 
 
 def _llama():
-    cfg = T.LlamaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
-                        attn_implementation="sdpa", pad_token_id=0, num_labels=3)  # fmt: skip
+    cfg = T.LlamaConfig(
+        vocab_size=120,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
+        pad_token_id=0,
+        num_labels=3,
+    )
     return T.LlamaForSequenceClassification(cfg)
 
 
 # family: (task model builder, PEFT task_type, LoRA targets, head style, expected label names)
 CASES = {
-    "bert-seq": (lambda: _bert(T.BertForSequenceClassification, num_labels=3, id2label=LABELS), "SEQ_CLS",
-                 ["query", "value"], "linear", tuple(LABELS.values())),
+    "bert-seq": (
+        lambda: _bert(T.BertForSequenceClassification, num_labels=3, id2label=LABELS),
+        "SEQ_CLS",
+        ["query", "value"],
+        "linear",
+        tuple(LABELS.values()),
+    ),
     "roberta-seq": (_roberta, "SEQ_CLS", ["query", "value"], "roberta", tuple(LABELS.values())),
     "distilbert-seq": (_distilbert, "SEQ_CLS", ["q_lin", "v_lin"], "distilbert", tuple(LABELS.values())),
     "llama-seq": (_llama, "SEQ_CLS", ["q_proj", "v_proj"], "linear", None),
-    "bert-token": (lambda: _bert(T.BertForTokenClassification, num_labels=5), "TOKEN_CLS", ["query", "value"],
-                   "linear", None),
-}  # fmt: skip
+    "bert-token": (
+        lambda: _bert(T.BertForTokenClassification, num_labels=5),
+        "TOKEN_CLS",
+        ["query", "value"],
+        "linear",
+        None,
+    ),
+}
 
 
 def _inputs():
@@ -71,8 +106,9 @@ def _peft_folder(case: str, tmp_path, modules_to_save=None):
     torch.manual_seed(0)
     task_model = build().eval()
     pristine = copy.deepcopy(task_model)
-    config = peft.LoraConfig(task_type=task_type, target_modules=targets, r=4, lora_alpha=8,
-                             modules_to_save=modules_to_save)  # fmt: skip
+    config = peft.LoraConfig(
+        task_type=task_type, target_modules=targets, r=4, lora_alpha=8, modules_to_save=modules_to_save
+    )
     pm = peft.get_peft_model(task_model, config).eval()
     with torch.no_grad():  # every trainable tensor random: LoRA A and B, and the classifier
         for _, p in pm.named_parameters():
@@ -150,8 +186,11 @@ def test_head_tensor_names_say_what_they_are(tmp_path):
     read = read_adapter(folder)
     assert read.peft_head
     assert {k: tuple(v.shape) for k, v in read.head_tensors.items()} == {
-        "dense.weight": (32, 32), "dense.bias": (32,), "classifier.weight": (3, 32), "classifier.bias": (3,),
-    }  # fmt: skip
+        "dense.weight": (32, 32),
+        "dense.bias": (32,),
+        "classifier.weight": (3, 32),
+        "classifier.bias": (3,),
+    }
     # the LoRA part holds LoRA factors only
     assert all(".lora_" in k for k in read.parts[0].tensors)
     llama = read_adapter(_peft_folder("llama-seq", tmp_path)[0])

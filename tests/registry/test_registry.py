@@ -130,8 +130,13 @@ print(AdapterRegistry(sys.argv[1]).publish(sys.argv[2], sys.argv[3]))
 
 def _run_publish(root, folder, name, crash=None):
     env = dict(os.environ, ADAPTERS_MTL_CRASH_AT=crash or "")
-    return subprocess.Popen([sys.executable, "-c", _PUBLISH, str(root), str(folder), name], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-c", _PUBLISH, str(root), str(folder), name],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_a_killed_publisher_leaves_no_half_visible_adapter(tmp_path, base):

@@ -77,8 +77,14 @@ def test_publish_copies_only_listed_regular_files_never_links_or_pickles(tmp_pat
     with pytest.warns(UserWarning, match="not listed in the adapter card and are not published"):
         assert reg.publish(folder) == "a@1"
     published = [f.removeprefix("adapters/a/1/") for f in _store_files(tmp_path / "reg") if "/1/" in f]
-    assert published == ["README.md", "adapter_card.json", "adapter_config.json",
-                         "adapter_model.safetensors", "head.safetensors", "registry.json"]  # fmt: skip
+    assert published == [
+        "README.md",
+        "adapter_card.json",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "head.safetensors",
+        "registry.json",
+    ]
     assert not any(p.is_symlink() for p in (tmp_path / "reg").rglob("*"))
     assert reg.verify() == {"a@1": "ok"}
 
@@ -147,8 +153,11 @@ def _broken_folders(tmp_path: Path, model) -> dict[str, Path]:
     make("integer_tensors", lambda f: retype(f, lambda t: t.to(torch.int32)))
     make("nan_weights", lambda f: retype(f, lambda t: t.clone().fill_(float("nan"))))
     make("inf_weights", lambda f: retype(f, lambda t: t.clone().fill_(float("inf"))))
-    make("unpaired_lora", lambda f: save_file({k: v for k, v in load_file(f / weights).items()
-                                               if "lora_B" not in k}, f / weights))  # fmt: skip
+
+    def drop_lora_b(f):
+        save_file({k: v for k, v in load_file(f / weights).items() if "lora_B" not in k}, f / weights)
+
+    make("unpaired_lora", drop_lora_b)
 
     def config(f, **changes):
         cfg = json.loads((f / "adapter_config.json").read_text())
@@ -162,10 +171,10 @@ def _broken_folders(tmp_path: Path, model) -> dict[str, Path]:
     make("unknown_head_kind", lambda f: _edit_card(f, head={"kind": "mystery", "num_labels": 2}))
     make("unknown_head_key", lambda f: _edit_card(f, head={"kind": "seq_cls", "num_labels": 2, "colour": 1}))
     make("head_wrong_labels", lambda f: _edit_card(f, head={"kind": "seq_cls", "num_labels": 5}))
-    make("card_is_a_list", lambda f: None)
+    make("card_is_a_list", lambda _f: None)
     (out["card_is_a_list"] / "adapter_card.json").write_text("[]")
     make("card_bad_name", lambda f: _edit_card(f, name="../../x"))
-    make("card_files_not_dict", lambda f: None)
+    make("card_files_not_dict", lambda _f: None)
     (out["card_files_not_dict"] / "adapter_card.json").write_text(json.dumps({"files": ["a"]}))
     make("card_huge_number", lambda f: _edit_card(f, metrics={"acc": 1}))
     card = (out["card_huge_number"] / "adapter_card.json").read_text()
@@ -472,8 +481,10 @@ def test_rebuild_remove_alias_and_publish_race_without_losing_anything(tmp_path,
             reg.set_alias(refs[0], "old")
             reg.remove(refs[1])
 
-    threads = [threading.Thread(target=run, args=(f, n))
-               for f, n in ((publish, 8), (publish, 8), (rebuild, 10), (alias_and_remove, 5))]  # fmt: skip
+    threads = [
+        threading.Thread(target=run, args=(f, n))
+        for f, n in ((publish, 8), (publish, 8), (rebuild, 10), (alias_and_remove, 5))
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -530,7 +541,7 @@ def test_two_machines_publishing_one_name_on_s3_never_collide(
             stderr=subprocess.PIPE,
             text=True,
             env=env,
-        )  # fmt: skip
+        )
         for i in range(2)
     ]
     refs = []
@@ -628,8 +639,12 @@ def test_processes_publishing_removing_aliasing_rebuilding_and_killed_lose_nothi
     folder = save_adapter(model, "a", tmp_path / "a")
 
     def spawn(role, seed, n):
-        return subprocess.Popen([sys.executable, "-c", _WORKER, str(root), str(folder), role, str(seed), str(n)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        return subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(root), str(folder), role, str(seed), str(n)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     workers = [spawn("publish", 0, 6), spawn("publish", 1, 6), spawn("remove", 2, 6), spawn("rebuild", 3, 6)]
     victims = [spawn("publish", 10 + i, 50) for i in range(2)]

@@ -90,7 +90,7 @@ def test_switching_does_not_touch_the_registry_once_loaded(world, monkeypatch):
     c.load("task1")
     c.load("task2")
 
-    def boom(*a, **k):
+    def boom(*_args, **_kwargs):
         raise AssertionError("registry consulted")
 
     monkeypatch.setattr(c.registry, "resolve", boom)
@@ -136,7 +136,7 @@ def test_merge_into_a_new_adapter_and_into_the_base_and_back(world):
     assert c.predict(TEXTS[:1], adapters="mix")[0].label in ("x", "y")  # the last adapter's head
 
 
-def test_routed_generate_equals_each_adapter_alone(tmp_path):
+def test_routed_generate_equals_each_adapter_alone():
     from transformers import AutoTokenizer
 
     from adapters_mtl.data.bases import minilm_path

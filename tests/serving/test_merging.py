@@ -36,16 +36,21 @@ def _assert_peft_reads(base, model, name, tmp_path):
         torch.testing.assert_close(ref(**x).logits, model(**x, adapters=name).logits, atol=1e-5, rtol=0)
 
 
+def _deltas(model, name):
+    """ΔW = s·B·A of every module ``name`` targets, from its public factors."""
+    return {path: scale * (B @ A) for path, (A, B, scale) in model.factors(name).items()}
+
+
 def test_cat_merge_is_the_weighted_sum_of_updates_and_equals_the_stack():
     _, model = _model()
-    merge_adapters(model, ["shared", "a"], weights=[0.5, -2.0], into="m")
-    lora = model._methods["lora"]
-    for path in lora.targets["m"]:
-        layer = lora.layers[path]
-        want = 0.5 * layer.delta_weight("shared")
-        if path in lora.targets["a"]:
-            want = want - 2.0 * layer.delta_weight("a")
-        torch.testing.assert_close(layer.delta_weight("m"), want, atol=1e-6, rtol=0)
+    merge_adapters(model, ["shared", "a"], weights=[0.5, -2.0], into="m")  # cat: the default
+    shared, a, merged = _deltas(model, "shared"), _deltas(model, "a"), _deltas(model, "m")
+    assert set(merged) == set(shared) | set(a)
+    for path, got in merged.items():
+        want = 0.5 * shared[path]
+        if path in a:
+            want = want - 2.0 * a[path]
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     merge_adapters(model, ["shared", "a"], into="sum")
     x = batch(3, 5)
     with torch.no_grad():
@@ -92,11 +97,13 @@ def test_compact_frees_spare_capacity_and_keeps_values_and_parameters():
     opt = torch.optim.SGD(list(params.values()), lr=0.1)
     with torch.no_grad():
         before = model(**x, adapters=["x1", ("shared", "x3")]).logits
-    layers = model._methods["lora"].layers.values()
+    lora = model.method("lora")
+    layers = lora.layers.values()
     size = sum(layer.stack_A.numel() + layer.stack_B.numel() for layer in layers)
     model.compact()
     assert sum(layer.stack_A.numel() + layer.stack_B.numel() for layer in layers) < size
-    assert all(layer.stack_A.shape[0] == model._methods["lora"]._next for layer in layers)
+    # every slot up to the highest one in use, and no more (slot 0 = no LoRA)
+    assert all(layer.stack_A.shape[0] == max(lora.slot.values()) + 1 for layer in layers)
     with torch.no_grad():
         torch.testing.assert_close(
             model(**x, adapters=["x1", ("shared", "x3")]).logits, before, atol=0, rtol=0
@@ -106,11 +113,6 @@ def test_compact_frees_spare_capacity_and_keeps_values_and_parameters():
     assert model.adapter_parameters("x1") == params
     with torch.no_grad():
         assert not torch.equal(model(**x, adapters=["x1", ("shared", "x3")]).logits, before)
-
-
-def _deltas(model, name):
-    lora = model._methods["lora"]
-    return {p: lora.layers[p].delta_weight(name) for p in lora.targets[name]}
 
 
 @pytest.mark.parametrize(
@@ -147,7 +149,7 @@ def test_svd_based_merges_of_two_adapters_reload_in_peft(tmp_path, method):
 
     base, model = _model()
     merge_adapters(model, ["shared", "a"], weights=[0.6, 0.4], method=method, into="m", density=0.5, rank=3)
-    assert all(model._methods["lora"].layers[p].ranks["m"] <= 3 for p in model._methods["lora"].targets["m"])
+    assert all(A.shape[0] == B.shape[1] <= 3 for A, B, _ in model.factors("m").values())
     if method == "svd":  # rank 3 of a sum of ranks ≤ 4 + 2: close to Σ w_i ΔW_i, not equal
         exact = merge_adapters(model, ["shared", "a"], weights=[0.6, 0.4], method="cat", into="exact")
         full = merge_adapters(model, ["shared", "a"], weights=[0.6, 0.4], method="svd", into="full", rank=6)
@@ -169,7 +171,7 @@ def test_linear_refuses_different_ranks():
 def test_swapping_adapters_of_a_compiled_model_does_not_recompile():
     from torch._dynamo.testing import CompileCounter
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     _, model = _model()
     model.add_adapter("b", LoraConfig(r=3, targets=LORA_TARGETS["llama"], init="random"))
     model.static_routing(True)
@@ -182,7 +184,7 @@ def test_swapping_adapters_of_a_compiled_model_does_not_recompile():
             got = compiled(**x).logits
             torch.testing.assert_close(got, model(**x, adapters=name).logits, atol=1e-5, rtol=0)
     assert counter.frame_count == 1, f"{counter.frame_count} compilations for 5 swaps"
-    torch._dynamo.reset()
+    torch.compiler.reset()
     model.static_routing(False)  # the ordinary path specialises on the slot: a recompile per adapter
     counter = CompileCounter()
     compiled = torch.compile(model.base, backend=counter)
@@ -191,4 +193,4 @@ def test_swapping_adapters_of_a_compiled_model_does_not_recompile():
             model.activate(name)
             compiled(**x)
     assert counter.frame_count > 1
-    torch._dynamo.reset()
+    torch.compiler.reset()
