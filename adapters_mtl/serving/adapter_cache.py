@@ -48,7 +48,9 @@ def row_entries(adapters: Any, n: int, single: bool = False) -> list[Entry]:
         ComposerError: a wrong number of entries, or entries that are not a reference, None or a tuple of
             references (every malformed entry reported at once, before anything is loaded).
     """
-    single = single or adapters is None or isinstance(adapters, (str, tuple)) or not hasattr(adapters, "__iter__")  # fmt: skip
+    single = (
+        single or adapters is None or isinstance(adapters, (str, tuple)) or not hasattr(adapters, "__iter__")
+    )
     rows = [adapters] if single else list(adapters)
     if not single and len(rows) != n:
         raise ComposerError(f"got {len(rows)} adapters for {n} rows: pass one per row, or one for all")
@@ -210,14 +212,21 @@ class AdapterCache:
         evictions their loads cause)."""
         flat = list(dict.fromkeys(r for e in entries for r in entry_members(e)))
         names = dict(zip(flat, self.resolve(flat), strict=True))
-        return [tuple(names[r] for r in e) if isinstance(e, tuple) else None if e is None else names[e] for e in entries]  # fmt: skip
+        return [
+            tuple(names[r] for r in e) if isinstance(e, tuple) else None if e is None else names[e]
+            for e in entries
+        ]
 
     def hold(self, entries: Iterable[Entry]) -> ExitStack:
         """Hold the attached adapters of ``entries`` (model names) in use until the returned lease is
         closed (``with lease:`` or ``lease.close()``): no load evicts them and :meth:`unload` refuses them.
         Closing the lease evicts what other leases kept over the budget."""
         with self.lock:
-            held = [self._entries[m] for m in dict.fromkeys(m for e in entries for m in entry_members(e)) if m in self._entries]  # fmt: skip
+            held = [
+                self._entries[m]
+                for m in dict.fromkeys(m for e in entries for m in entry_members(e))
+                if m in self._entries
+            ]
             for e in held:
                 e.in_use += 1
             self._leases += 1

@@ -265,16 +265,24 @@ class Composer:
             for start in range(0, len(texts), batch_size):
                 rows = names[start : start + batch_size]
                 limit = self._positions()
-                enc = self.tokenize(texts[start : start + batch_size],
-                                    None if limit is None else limit[1] - self._prefix_length(rows))  # fmt: skip
+                enc = self.tokenize(
+                    texts[start : start + batch_size],
+                    None if limit is None else limit[1] - self._prefix_length(rows),
+                )
                 result = self.model(**enc, adapters=rows)
                 row_heads = heads[start : start + batch_size]
                 for name, head, logits in zip(rows, row_heads, result.row_logits, strict=True):
                     probs = torch.softmax(logits.float(), -1).cpu()
                     labels = self._labels(head, probs.numel())
                     best = int(probs.argmax())
-                    out.append(Prediction(self._ref_of(name), labels[best], float(probs[best]),
-                                          dict(zip(labels, probs.tolist(), strict=True))))  # fmt: skip
+                    out.append(
+                        Prediction(
+                            self._ref_of(name),
+                            labels[best],
+                            float(probs[best]),
+                            dict(zip(labels, probs.tolist(), strict=True)),
+                        )
+                    )
             return out
 
     @torch.no_grad()
@@ -301,7 +309,9 @@ class Composer:
             enc = {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}
             self._check_room(enc["input_ids"].shape[1], max_new_tokens, names)
             generation_kwargs.setdefault("do_sample", False)
-            generation_kwargs.setdefault("pad_token_id", tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)  # fmt: skip
+            generation_kwargs.setdefault(
+                "pad_token_id", tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            )
             ids = self.model.generate(
                 **enc, adapters=names, max_new_tokens=max_new_tokens, **generation_kwargs
             )

@@ -56,7 +56,10 @@ class _Mixer:
         self.composer, self.model, self.names, self.into = composer, composer.model, names, into
         parts = [(lora_factors(self.model, n), 1.0) for n in names]
         head = HeadConfig(num_labels=num_labels, pooling="mean", dropout=0.0, label_names=tuple(label_names))
-        state = {"classifier.weight": torch.zeros(num_labels, self.model.hidden_size), "classifier.bias": torch.zeros(num_labels)}  # fmt: skip
+        state = {
+            "classifier.weight": torch.zeros(num_labels, self.model.hidden_size),
+            "classifier.bias": torch.zeros(num_labels),
+        }
         add_factors(self.model, into, cat_factors(parts), head=head, head_state=state)
         composer.cache.adopt(into)
         self.columns = []  # (B parameter, original B, [(source index, lo, hi)])
@@ -210,7 +213,11 @@ def compose(
     accuracy = None
     if eval_texts is not None and eval_labels is not None:
         y_eval, _ = _labels(eval_labels, names_of_labels)
-        settings = {"composed": w_best, "base": np.zeros(n), **{composer.cache.ref(m): e for m, e in zip(names, np.eye(n), strict=True)}}  # fmt: skip
+        settings = {
+            "composed": w_best,
+            "base": np.zeros(n),
+            **{composer.cache.ref(m): e for m, e in zip(names, np.eye(n), strict=True)},
+        }
         accuracy = {}
         for label, w in settings.items():
             mixer.set(w)
@@ -242,7 +249,16 @@ def compose_zero_shot(
     for m in names:
         from_registry = registry is not None and composer.cache.from_registry(m)
         card = registry.show(composer.cache.ref(m))["card"] if registry is not None and from_registry else {}
-        cards.append(" ".join(str(x) for x in [card.get("description") or "", card.get("task") or m, *(card.get("label_names") or [])]))  # fmt: skip
+        cards.append(
+            " ".join(
+                str(x)
+                for x in [
+                    card.get("description") or "",
+                    card.get("task") or m,
+                    *(card.get("label_names") or []),
+                ]
+            )
+        )
     mixer = _Mixer(composer, names, into, len(label_names), tuple(label_names))
     mixer.set(np.zeros(len(names)))
     emb = torch.nn.functional.normalize(mixer.embed([description, *cards]), dim=-1)

@@ -65,7 +65,12 @@ def test_routed_predict_equals_each_adapter_alone_with_its_labels(world):
         with c.using(ref):
             alone = c.predict([text])[0]
         assert alone.label == got.label and alone.score == pytest.approx(got.score, abs=1e-5)
-        torch.testing.assert_close(torch.tensor(list(alone.scores.values())), torch.tensor(list(got.scores.values())), atol=1e-5, rtol=0)  # fmt: skip
+        torch.testing.assert_close(
+            torch.tensor(list(alone.scores.values())),
+            torch.tensor(list(got.scores.values())),
+            atol=1e-5,
+            rtol=0,
+        )
     assert mixed[0].scores != mixed[3].scores  # two versions of one name coexist
 
 
@@ -172,10 +177,31 @@ def test_cli_predict_and_merge(world, tmp_path, capsys):
     common = ["--base", str(folder), "--registry", str(registry.url), "--json"]
     assert main(["predict", str(texts), "extra text", "-a", "task1", "-a", "task0@1", *common]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [(r["text"], r["adapter"]) for r in rows][:3] == [(TEXTS[0], "task1@1"), (TEXTS[0], "task0@1"), (TEXTS[1], "task1@1")]  # fmt: skip
+    assert [(r["text"], r["adapter"]) for r in rows][:3] == [
+        (TEXTS[0], "task1@1"),
+        (TEXTS[0], "task0@1"),
+        (TEXTS[1], "task1@1"),
+    ]
     assert len(rows) == 6 and rows[0]["label"] in ("pos", "neg", "neutral")
-    code = main(["merge", "-a", "task2", "-a", "task3", "-w", "0.5", "0.5", "--method", "ties", "--density", "0.5",
-                 "--name", "mix", *common])  # fmt: skip
+    code = main(
+        [
+            "merge",
+            "-a",
+            "task2",
+            "-a",
+            "task3",
+            "-w",
+            "0.5",
+            "0.5",
+            "--method",
+            "ties",
+            "--density",
+            "0.5",
+            "--name",
+            "mix",
+            *common,
+        ]
+    )
     assert code == 0 and json.loads(capsys.readouterr().out) == {
         "ref": "mix@1",
         "sources": ["task2@1", "task3@1"],
@@ -194,8 +220,16 @@ def test_few_shot_composition_is_a_cat_merge_with_a_nearest_centroid_head(world)
     c = _composer(world)
     texts = ["good game", "great win", "bad loss", "awful defeat", "nice goal", "poor show"]
     labels = ["pos", "pos", "neg", "neg", "pos", "neg"]
-    result = compose(c, ["task1", "task2", "task3"], texts, labels, budget=12, seed=3,
-                     eval_texts=texts[:4], eval_labels=labels[:4])  # fmt: skip
+    result = compose(
+        c,
+        ["task1", "task2", "task3"],
+        texts,
+        labels,
+        budget=12,
+        seed=3,
+        eval_texts=texts[:4],
+        eval_labels=labels[:4],
+    )
     assert result.evaluations == 12 and set(result.weights) == {"task1@1", "task2@1", "task3@1"}
     assert set(result.accuracy) == {"composed", "base", "task1@1", "task2@1", "task3@1"}
     again = compose(_composer(world), ["task1", "task2", "task3"], texts, labels, budget=12, seed=3)
@@ -244,8 +278,24 @@ def test_cli_compose_few_shot_publishes_a_loadable_classifier(world, tmp_path, c
     examples = tmp_path / "ex.csv"
     examples.write_text("text,label\ngood game,pos\nbad loss,neg\ngreat win,pos\nawful defeat,neg\n")
     common = ["--base", str(folder), "--registry", str(registry.url), "--json"]
-    code = main(["compose", "-a", "task2", "-a", "task3", "--examples", str(examples), "--eval", str(examples),
-                 "--budget", "6", "--name", "fewshot", *common])  # fmt: skip
+    code = main(
+        [
+            "compose",
+            "-a",
+            "task2",
+            "-a",
+            "task3",
+            "--examples",
+            str(examples),
+            "--eval",
+            str(examples),
+            "--budget",
+            "6",
+            "--name",
+            "fewshot",
+            *common,
+        ]
+    )
     out = json.loads(capsys.readouterr().out)
     assert (
         code == 0

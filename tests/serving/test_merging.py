@@ -117,9 +117,16 @@ def test_compact_frees_spare_capacity_and_keeps_values_and_parameters():
 
 @pytest.mark.parametrize(
     "method,atol",
-    [("cat", 1e-7), ("linear", 1e-7), ("svd", 1e-5), ("ties", 1e-5), ("dare_linear", 1e-5), ("dare_ties", 1e-5),
-     ("magnitude_prune", 1e-5)],
-)  # fmt: skip
+    [
+        ("cat", 1e-7),
+        ("linear", 1e-7),
+        ("svd", 1e-5),
+        ("ties", 1e-5),
+        ("dare_linear", 1e-5),
+        ("dare_ties", 1e-5),
+        ("magnitude_prune", 1e-5),
+    ],
+)
 def test_merging_one_adapter_with_weight_one_returns_it(method, atol):
     """rsLoRA and per-module ranks included (PEFT #3737/#3761); density 1 keeps every value."""
     _, model = _model()
