@@ -278,7 +278,7 @@ def run_recipe(recipe: dict, *, resume: bool = False, overwrite: bool = False) -
         "steps": result["step"],
         "seconds": seconds,
         "trainable_params": trainable
-        + sum(p.numel() for k, p in trainer.named.items() if k.startswith("base::")),
+        + sum(p.numel() for p in trainer.unfrozen.values()),
         "base_params": base_params,
         "test": test,
         "best": result["best"],

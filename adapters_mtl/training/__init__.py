@@ -1,16 +1,28 @@
-"""Multi-task training parts: task samplers, loss weighting, adversarial sharing.
+"""Multi-task training: ``MultiTaskTrainer`` drives its parts on Accelerate.
 
-``MultiTaskTrainer`` drives them on Accelerate.
+config (TrainConfig), batches (what each step trains on: sampler + per-task example streams, sliced per
+process), weighting (how task losses combine), early_stopping, checkpoint (the format on disk), folding
+(shared stacks into one adapter per task), adversarial (task discriminator), objectives (per task kind:
+loss and metrics), run_state (metrics.csv, Ctrl-C), accelerator.
 """
 
 from .adversarial import TaskDiscriminator, grad_reverse
 from .sampler import TaskSampler
 from .trainer import MultiTaskTrainer, TrainConfig, TrainingInterrupted
-from .weighting import DWA, GradNorm, PCGrad, StaticWeighting, UncertaintyWeighting, make_weighting
+from .weighting import (
+    DWA,
+    GradNorm,
+    LossWeighting,
+    PCGrad,
+    StaticWeighting,
+    UncertaintyWeighting,
+    make_weighting,
+)
 
 __all__ = [
     "DWA",
     "GradNorm",
+    "LossWeighting",
     "MultiTaskTrainer",
     "PCGrad",
     "StaticWeighting",

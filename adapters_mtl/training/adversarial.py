@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -13,12 +15,12 @@ class GradientReversal(torch.autograd.Function):
     """Identity forward; the backward multiplies the incoming gradient by ``-lambda_``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, lambda_: float) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, lambda_: float) -> torch.Tensor:
         ctx.lambda_ = lambda_
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return -ctx.lambda_ * grad, None
 
 

@@ -11,24 +11,33 @@ causal_lm   next-token cross-entropy of the base LM head on the target tokens (p
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from ..data.batching import pad
 from ..data.tasks import TaskData, accuracy, classification_report, macro_f1
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 __all__ = ["collate", "evaluate_task", "task_loss"]
 
 
-def collate(tokenizer, features: list[dict]) -> tuple[dict[str, torch.Tensor], list]:
+def collate(tokenizer: PreTrainedTokenizerBase, features: list[dict]) -> tuple[dict[str, torch.Tensor], list]:
     """Right-pad the model inputs; labels stay one Python object per row (their shape depends on the kind)."""
     labels = [f["labels"] for f in features]
     inputs = [{k: v for k, v in f.items() if k != "labels"} for f in features]
     return pad(tokenizer, inputs, "right"), labels
 
 
-def _label_tensor(labels: list, width: int, device, regression: bool = False) -> torch.Tensor:
+def _label_tensor(
+    labels: list, width: int, device: torch.device | str, regression: bool = False
+) -> torch.Tensor:
     if labels and isinstance(labels[0], list):  # per-token labels, right-padded with -100
         out = torch.full((len(labels), width), -100, dtype=torch.long)
         for i, row in enumerate(labels):
@@ -45,8 +54,9 @@ def _lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
     return loss if reduction == "mean" else loss.view(target.shape)
 
 
-def task_loss(data: TaskData, task: str, out, rows: list[int], labels: list) -> torch.Tensor:
-    """The loss of ``task`` on its ``rows`` of a routed forward's output ``out``."""
+def task_loss(data: TaskData, task: str, out: Any, rows: list[int], labels: list) -> torch.Tensor:
+    """The loss of ``task`` on its ``rows`` of a routed forward's output ``out`` (the base model's output for
+    ``causal_lm``, else an :class:`~adapters_mtl.core.model.AdapterOutput`)."""
     kind = data.spec.kind
     if kind == "causal_lm":
         idx = torch.tensor(rows, device=out.logits.device)
@@ -63,7 +73,7 @@ def task_loss(data: TaskData, task: str, out, rows: list[int], labels: list) -> 
 
 
 @torch.no_grad()
-def evaluate_task(model, data: TaskData, tokenizer, route, device, split: str = "validation", batch_size: int = 64, report: bool = False) -> dict:  # fmt: skip
+def evaluate_task(model: nn.Module, data: TaskData, tokenizer: PreTrainedTokenizerBase, route: str | tuple[str, ...], device: torch.device | str, split: str = "validation", batch_size: int = 64, report: bool = False) -> dict[str, Any]:  # fmt: skip
     """Metrics of ``data``'s task on ``split`` with the adapter (or stack) ``route``; ``score`` is the one
     early stopping maximises; ``report`` adds a per-class report (precision/recall/F1/support) for
     classification."""
@@ -97,11 +107,17 @@ def evaluate_task(model, data: TaskData, tokenizer, route, device, split: str = 
     if kind == "regression":
         mse = float(((p - g) ** 2).mean())
         return {"mse": mse, "score": -mse}
-    return _classification(p, g, data.label_names, report)
+    return _classification(p, g, _label_names(data), report)
 
 
-def _classification(pred, gold, label_names, report: bool) -> dict:
-    out = {
+def _label_names(data: TaskData) -> tuple[str, ...]:
+    if data.label_names is None:  # unreachable: load_task names the labels of every classification task
+        raise ValueError(f"task {data.spec.name!r} ({data.spec.kind}) has no label names")
+    return data.label_names
+
+
+def _classification(pred: np.ndarray, gold: Sequence[int] | np.ndarray, label_names: Sequence[str], report: bool) -> dict[str, Any]:  # fmt: skip
+    out: dict[str, Any] = {
         "accuracy": accuracy(pred, gold),
         "macro_f1": macro_f1(pred, gold, label_names),
         "score": accuracy(pred, gold),
@@ -111,10 +127,10 @@ def _classification(pred, gold, label_names, report: bool) -> dict:
     return out
 
 
-def _evaluate_choices(model, data: TaskData, tokenizer, route, device, split: str, batch_size: int, report: bool) -> dict:  # fmt: skip
+def _evaluate_choices(model: nn.Module, data: TaskData, tokenizer: PreTrainedTokenizerBase, route: str | tuple[str, ...], device: torch.device | str, split: str, batch_size: int, report: bool) -> dict[str, Any]:  # fmt: skip
     """Classification as generation: every label name is scored after the prompt; the likeliest wins."""
     texts, gold = data.splits[split]["text"], data.splits[split]["label"]
-    C = len(data.label_names)
+    C = len(_label_names(data))
     pairs = [data.causal_ids(tokenizer, t, data.target(c)) for t in texts for c in range(C)]
     scores = []
     for start in range(0, len(pairs), batch_size):
@@ -125,4 +141,4 @@ def _evaluate_choices(model, data: TaskData, tokenizer, route, device, split: st
         out = model(**inputs, adapters=route)
         scores.append(-_lm_loss(out.logits, y, reduction="none").sum(1).cpu())  # log p(label | prompt)
     pred = torch.cat(scores).view(len(texts), C).argmax(1).numpy()
-    return _classification(pred, gold, data.label_names, report)
+    return _classification(pred, gold, _label_names(data), report)

@@ -30,7 +30,7 @@ def plot_history(history: list[dict], path: str | Path, title: str = "training")
             pts = [(row["step"], row[key]) for row in history if key in row]
             if not pts:
                 continue
-            xs, ys = zip(*pts, strict=True)
+            xs, ys = [x for x, _ in pts], [y for _, y in pts]
             if prefix == "loss/" and len(ys) > 5:  # moving average over 5 observations
                 ys = [sum(ys[max(0, i - 4) : i + 1]) / len(ys[max(0, i - 4) : i + 1]) for i in range(len(ys))]
             ax.plot(xs, ys, marker="o" if prefix == "val/" else None, label=key[len(prefix) :])

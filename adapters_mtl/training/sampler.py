@@ -70,7 +70,8 @@ class TaskSampler:
         if self.strategy == "temperature":
             return 1.0 / self.temperature
         if self.strategy == "annealed":
-            frac = min(max(step, 0), self.total_steps - 1) / max(self.total_steps - 1, 1)
+            last = (self.total_steps or 1) - 1  # total_steps > 0 is checked for annealed sampling
+            frac = min(max(step, 0), last) / max(last, 1)
             return 1.0 - 0.8 * frac
         return 0.0  # round robin: equal shares
 

@@ -1,11 +1,13 @@
-"""Loss weighting for multi-task training, behind one interface.
+"""Loss weighting for multi-task training, behind one base class, :class:`LossWeighting`.
 
-Every method implements ``backward(losses, shared) -> weights``: it runs the backward pass for the dict
-of per-task losses (scalar tensors) and returns the weights it used. Methods whose result is one
-weighted sum (static, uncertainty, dwa) also offer ``total(losses)`` so a trainer can backward it
-through Accelerate (loss scaling); they record the weights used in ``last``. ``shared`` are the parameters
-shared by all tasks (e.g. a shared adapter); GradNorm and PCGrad work on their gradients only, task
-adapters and heads get their ordinary gradients.
+A trainer calls, per step, either ``total(losses)`` (methods whose result is one weighted sum:
+``weighted_sum`` is True) and backwards that itself (through Accelerate, so the loss is scaled under fp16),
+or ``backward(losses, shared)`` (methods that work on per-task gradients: the method runs the backward
+pass). Either way ``last`` then holds the weights used. ``end_epoch()`` closes a window of steps (DWA's
+"epoch"); ``trainable_parameters()`` are what the trainer's optimiser must update (uncertainty's
+``log σ²``); ``state_dict()`` / ``load_state_dict()`` carry everything that changes while training, so a
+resumed run continues exactly. ``shared`` are the parameters shared by all tasks (e.g. a shared adapter);
+GradNorm and PCGrad work on their gradients only, task adapters and heads get their ordinary gradients.
 
   static       Σ w_i L_i with fixed w_i
   uncertainty  Σ ½·exp(-s_i)·L_i + ½·s_i, s_i = log σ_i² learned (Kendall, Gal & Cipolla 2018)
@@ -21,6 +23,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -29,6 +32,7 @@ __all__ = [
     "DWA",
     "WEIGHTINGS",
     "GradNorm",
+    "LossWeighting",
     "PCGrad",
     "StaticWeighting",
     "UncertaintyWeighting",
@@ -38,66 +42,142 @@ __all__ = [
 Losses = Mapping[str, torch.Tensor]
 
 
-def _check(losses: Losses, tasks: Sequence[str]) -> None:
-    unknown = sorted(set(losses) - set(tasks))
-    if unknown:
-        raise KeyError(f"losses for unknown tasks {unknown}; this weighting was built for {list(tasks)}")
+class LossWeighting:
+    """What every loss weighting method offers a trainer.
 
+    State values are tensors or JSON-able values (a checkpoint stores the first as safetensors and the
+    rest as JSON); their keys are part of the checkpoint format, so keep them when changing a method.
 
-class StaticWeighting:
-    """Fixed weights (default 1 for every task)."""
+    Attributes:
+        tasks: the task names the method was built for.
+        weighted_sum: True when the weighted loss is one sum (:meth:`total`) a trainer may backward itself;
+            False when only :meth:`backward` can run the backward pass (it needs per-task gradients).
+        last: ``{task: weight}`` used by the last :meth:`total` or :meth:`backward` call.
+    """
 
-    def __init__(self, tasks: Sequence[str], weights: Mapping[str, float] | None = None) -> None:
+    weighted_sum: ClassVar[bool] = True
+
+    def __init__(self, tasks: Sequence[str]) -> None:
         self.tasks = list(tasks)
-        self.w = {t: float((weights or {}).get(t, 1.0)) for t in self.tasks}
+        self.last: dict[str, float] = {}
 
     def total(self, losses: Losses) -> torch.Tensor:
-        _check(losses, self.tasks)
-        self.last = {t: self.w[t] for t in losses}
-        return sum(self.w[t] * loss for t, loss in losses.items())
+        """The weighted sum of the per-task ``losses`` (scalar tensors); records the weights in ``last``.
+
+        Raises:
+            KeyError: a loss for a task this method was not built for.
+            NotImplementedError: the method is not a weighted sum (``weighted_sum`` is False).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} works on per-task gradients and has no weighted sum: call backward()"
+        )
 
     def backward(self, losses: Losses, shared: Sequence[nn.Parameter] = ()) -> dict[str, float]:
+        """Run the backward pass of ``losses`` (gradients add to ``.grad``); returns the weights used.
+
+        Args:
+            losses: ``{task: scalar loss}``.
+            shared: the parameters every task shares (used by methods that work on per-task gradients).
+        """
+        del shared  # a weighted sum gives every parameter, shared or not, the gradient of the one sum
         self.total(losses).backward()
         return self.last
 
+    def end_epoch(self) -> None:
+        """Close a window of steps (a trainer calls this after each evaluation); most methods ignore it."""
 
-class UncertaintyWeighting(nn.Module):
-    """Homoscedastic-uncertainty weighting with one learned ``log σ²`` per task (add its parameters to
-    the optimiser). At the optimum ``s_i = log L_i``: noisier tasks get smaller weights."""
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Parameters the trainer's optimiser must update, by name (none for most methods)."""
+        return {}
 
-    def __init__(self, tasks: Sequence[str]) -> None:
-        super().__init__()
-        self.tasks = list(tasks)
-        self.log_vars = nn.Parameter(torch.zeros(len(self.tasks)))
+    def parameters(self) -> list[nn.Parameter]:
+        """:meth:`trainable_parameters` as a list (e.g. for ``torch.optim.Adam(weighting.parameters())``)."""
+        return list(self.trainable_parameters().values())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that changes while training: ``{key: tensor or JSON-able value}``."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; keys it lacks keep their current value (older checkpoints).
+
+        Raises:
+            KeyError: a key this method does not know.
+        """
+        unknown = sorted(set(state) - set(self.state_dict()))
+        if unknown:
+            raise KeyError(
+                f"{type(self).__name__} has no state {unknown}; it keeps {sorted(self.state_dict())}: "
+                "was the checkpoint written with another weighting?"
+            )
+
+    def _check(self, losses: Losses) -> None:
+        unknown = sorted(set(losses) - set(self.tasks))
+        if unknown:
+            raise KeyError(f"losses for unknown tasks {unknown}; this weighting was built for {self.tasks}")
+
+
+class StaticWeighting(LossWeighting):
+    """Fixed weights (default 1 for every task)."""
+
+    def __init__(self, tasks: Sequence[str], weights: Mapping[str, float] | None = None) -> None:
+        super().__init__(tasks)
+        self.w = {t: float((weights or {}).get(t, 1.0)) for t in self.tasks}
 
     def total(self, losses: Losses) -> torch.Tensor:
-        _check(losses, self.tasks)
-        out = 0.0
+        self._check(losses)
+        self.last = {t: self.w[t] for t in losses}
+        return cast(torch.Tensor, sum(self.w[t] * loss for t, loss in losses.items()))
+
+
+class UncertaintyWeighting(LossWeighting):
+    """Homoscedastic-uncertainty weighting with one learned ``log σ²`` per task (a trainer adds
+    :meth:`trainable_parameters` to its optimiser). At the optimum ``s_i = log L_i``: noisier tasks get
+    smaller weights."""
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        super().__init__(tasks)
+        self.log_vars = nn.Parameter(torch.zeros(len(self.tasks)))  # (K,)
+
+    def total(self, losses: Losses) -> torch.Tensor:
+        self._check(losses)
+        out: torch.Tensor | float = 0.0
         for t, loss in losses.items():
             s = self.log_vars[self.tasks.index(t)]
             out = out + 0.5 * torch.exp(-s) * loss + 0.5 * s
         self.last = self.weights(list(losses))
-        return out
+        return cast(torch.Tensor, out)
 
-    def backward(self, losses: Losses, shared: Sequence[nn.Parameter] = ()) -> dict[str, float]:
-        self.total(losses).backward()
-        return self.last
-
-    def weights(self, tasks=None) -> dict[str, float]:
+    def weights(self, tasks: Sequence[str] | None = None) -> dict[str, float]:
+        """``{task: ½·exp(-s_i)}`` for ``tasks`` (default: all)."""
         return {t: 0.5 * math.exp(-self.log_vars[self.tasks.index(t)].item()) for t in (tasks or self.tasks)}
 
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {"log_vars": self.log_vars}
 
-class DWA:
+    def state_dict(self) -> dict[str, Any]:
+        return {"log_vars": self.log_vars.detach().clone()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "log_vars" in state:
+            self.log_vars.copy_(state["log_vars"])
+
+
+class DWA(LossWeighting):
     """Dynamic weight average: call :meth:`observe` with each step's losses and :meth:`end_epoch` at the
     end of each epoch (or any fixed window); weights are 1 for the first two epochs."""
 
     def __init__(self, tasks: Sequence[str], temperature: float = 2.0) -> None:
-        self.tasks, self.T = list(tasks), float(temperature)
+        super().__init__(tasks)
+        self.T = float(temperature)
         self.history: list[dict[str, float]] = []  # mean loss per task, per finished epoch
         self._sums = {t: 0.0 for t in self.tasks}
         self._counts = {t: 0 for t in self.tasks}
 
     def weights(self) -> dict[str, float]:
+        """``{task: weight}`` for the current epoch."""
         if len(self.history) < 2:
             return {t: 1.0 for t in self.tasks}
         prev, prev2 = self.history[-1], self.history[-2]
@@ -106,6 +186,7 @@ class DWA:
         return {t: len(self.tasks) * math.exp(r[t] / self.T) / z for t in self.tasks}
 
     def observe(self, losses: Mapping[str, float | torch.Tensor]) -> None:
+        """Add one step's losses to the current epoch's means."""
         for t, loss in losses.items():
             self._sums[t] += float(loss)
             self._counts[t] += 1
@@ -116,25 +197,35 @@ class DWA:
         self._counts = {t: 0 for t in self.tasks}
 
     def total(self, losses: Losses) -> torch.Tensor:
-        _check(losses, self.tasks)
+        self._check(losses)
         w = self.weights()
         self.observe({t: loss.detach() for t, loss in losses.items()})
         self.last = {t: w[t] for t in losses}
-        return sum(w[t] * loss for t, loss in losses.items())
+        return cast(torch.Tensor, sum(w[t] * loss for t, loss in losses.items()))
 
-    def backward(self, losses: Losses, shared: Sequence[nn.Parameter] = ()) -> dict[str, float]:
-        self.total(losses).backward()
-        return self.last
+    def state_dict(self) -> dict[str, Any]:
+        # the keys of the checkpoint format since the first release (hence the underscores)
+        return {
+            "history": [dict(h) for h in self.history],
+            "_sums": dict(self._sums),
+            "_counts": dict(self._counts),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.history = [dict(h) for h in state.get("history", self.history)]
+        self._sums = dict(state.get("_sums", self._sums))
+        self._counts = dict(state.get("_counts", self._counts))
 
 
-def _task_grads(losses: Losses, shared: Sequence[nn.Parameter]) -> dict[str, list]:
+def _task_grads(losses: Losses, shared: Sequence[nn.Parameter]) -> dict[str, tuple[torch.Tensor | None, ...]]:
     return {
         t: torch.autograd.grad(loss, list(shared), retain_graph=True, allow_unused=True)
         for t, loss in losses.items()
     }
 
 
-class GradNorm(nn.Module):
+class GradNorm(LossWeighting):
     """GradNorm with its own small optimiser for the task weights (so it is self-contained).
 
     Args:
@@ -143,15 +234,17 @@ class GradNorm(nn.Module):
         lr: learning rate of the weights.
     """
 
+    weighted_sum = False
+
     def __init__(self, tasks: Sequence[str], alpha: float = 1.5, lr: float = 0.025) -> None:
-        super().__init__()
-        self.tasks, self.alpha = list(tasks), alpha
-        self.w = nn.Parameter(torch.ones(len(self.tasks)))
+        super().__init__(tasks)
+        self.alpha = alpha
+        self.w = nn.Parameter(torch.ones(len(self.tasks)))  # (K,)
         self.initial: dict[str, float] = {}
         self._opt = torch.optim.Adam([self.w], lr=lr)
 
     def backward(self, losses: Losses, shared: Sequence[nn.Parameter] = ()) -> dict[str, float]:
-        _check(losses, self.tasks)
+        self._check(losses)
         if not shared:
             raise ValueError("GradNorm needs the shared parameters (their gradient norms are balanced)")
         names = list(losses)
@@ -162,13 +255,20 @@ class GradNorm(nn.Module):
         # backward through the model (which CPU attention kernels do not implement)
         grads = _task_grads(losses, shared)
         raw = torch.stack(
-            [torch.sqrt(sum((g.detach() ** 2).sum() for g in grads[t] if g is not None)) for t in names]
+            [
+                torch.sqrt(
+                    cast(torch.Tensor, sum((g.detach() ** 2).sum() for g in grads[t] if g is not None))
+                )
+                for t in names
+            ]
         )
         norms = self.w[idx] * raw.to(self.w.device)
         ratios = torch.tensor([losses[t].item() / self.initial[t] for t in names])
         target = (norms.mean() * (ratios / ratios.mean()) ** self.alpha).detach()
         (grad_w,) = torch.autograd.grad((norms - target).abs().sum(), [self.w], retain_graph=True)
-        total = sum(self.w[i].detach() * losses[t] for t, i in zip(names, idx, strict=True))
+        total = cast(
+            torch.Tensor, sum(self.w[i].detach() * losses[t] for t, i in zip(names, idx, strict=True))
+        )
         total.backward()
         self._opt.zero_grad(set_to_none=True)
         self.w.grad = grad_w
@@ -176,14 +276,46 @@ class GradNorm(nn.Module):
         with torch.no_grad():  # renormalise: weights stay positive and sum to the number of tasks
             self.w.clamp_(min=1e-3)
             self.w.mul_(len(self.tasks) / self.w.sum())
-        return {t: self.w[i].item() for t, i in zip(names, idx, strict=True)}
+        self.last = {t: self.w[i].item() for t, i in zip(names, idx, strict=True)}
+        return self.last
+
+    def state_dict(self) -> dict[str, Any]:
+        # "w" and "initial" are the checkpoint format's keys since the first release; the optimiser's
+        # moments (Adam's "step", "exp_avg", "exp_avg_sq" of w) came later, as "optimizer.<name>"
+        moments = self._opt.state.get(self.w, {})
+        return {
+            "w": self.w.detach().clone(),
+            "initial": dict(self.initial),
+            **{f"optimizer.{k}": v.detach().clone() if torch.is_tensor(v) else v for k, v in moments.items()},
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        unknown = sorted(k for k in state if k not in ("w", "initial") and not k.startswith("optimizer."))
+        if unknown:
+            raise KeyError(
+                f"GradNorm has no state {unknown}: was the checkpoint written with another weighting?"
+            )
+        if "w" in state:
+            self.w.copy_(state["w"])
+        self.initial = dict(state.get("initial", self.initial))
+        moments = {
+            k[len("optimizer.") :]: v.clone() if torch.is_tensor(v) else v
+            for k, v in state.items()
+            if k.startswith("optimizer.")
+        }
+        if moments:  # checkpoints before the moments were saved: the optimiser starts afresh, as it did
+            self._opt.state[self.w] = moments
 
 
-class PCGrad:
+class PCGrad(LossWeighting):
     """Projecting conflicting gradients on the shared parameters; other parameters get Σ_i ∇L_i."""
 
+    weighted_sum = False
+
     def __init__(self, tasks: Sequence[str], seed: int = 0, shuffle: bool = True) -> None:
-        self.tasks, self.shuffle = list(tasks), shuffle
+        super().__init__(tasks)
+        self.shuffle = shuffle
         self._rng = random.Random(seed)
 
     @staticmethod
@@ -192,6 +324,10 @@ class PCGrad:
 
         Args:
             grads: flat per-task gradients (each (P,)).
+            order: the order the other gradients are projected out in (default: as given).
+
+        Returns:
+            (P,) the sum of the projected gradients.
         """
         out = []
         for i, g in enumerate(grads):
@@ -206,7 +342,7 @@ class PCGrad:
         return torch.stack(out).sum(0)
 
     def backward(self, losses: Losses, shared: Sequence[nn.Parameter] = ()) -> dict[str, float]:
-        _check(losses, self.tasks)
+        self._check(losses)
         if not shared:
             raise ValueError("PCGrad needs the shared parameters (gradient surgery applies to them only)")
         names = list(losses)
@@ -225,7 +361,7 @@ class PCGrad:
             self._rng.shuffle(order)
         merged = self.project(flat, order)
         before = [p.grad.clone() if p.grad is not None else None for p in shared]  # accumulated so far
-        sum(losses.values()).backward()  # task-specific parameters: ordinary gradients
+        cast(torch.Tensor, sum(losses.values())).backward()  # task-specific parameters: ordinary gradients
         offset = 0
         for p, prior in zip(shared, before, strict=True):  # shared: the projected sum replaces Σ_i g_i
             n = p.numel()
@@ -233,15 +369,41 @@ class PCGrad:
             if prior is not None:  # earlier gradients (accumulation steps, an adversarial loss) are kept
                 p.grad += prior
             offset += n
-        return {t: 1.0 for t in names}
+        self.last = {t: 1.0 for t in names}
+        return self.last
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = self._rng.getstate()
+        return {"rng": [version, list(internal), gauss]}  # the shuffling order's RNG, as JSON
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "rng" in state:  # checkpoints before it was saved: the RNG continues from its seed, as it did
+            version, internal, gauss = state["rng"]
+            self._rng.setstate((version, tuple(internal), gauss))
 
 
-WEIGHTINGS = ("static", "uncertainty", "dwa", "gradnorm", "pcgrad")
+_METHODS: dict[str, type[LossWeighting]] = {
+    "static": StaticWeighting,
+    "uncertainty": UncertaintyWeighting,
+    "dwa": DWA,
+    "gradnorm": GradNorm,
+    "pcgrad": PCGrad,
+}
+WEIGHTINGS = tuple(_METHODS)
 
 
-def make_weighting(name: str, tasks: Sequence[str], **kwargs):
-    """Build a weighting method by name: one of :data:`WEIGHTINGS`."""
-    table = dict(zip(WEIGHTINGS, (StaticWeighting, UncertaintyWeighting, DWA, GradNorm, PCGrad), strict=True))
-    if name not in table:
-        raise ValueError(f"unknown loss weighting {name!r}; expected one of {sorted(table)}")
-    return table[name](tasks, **kwargs)
+def make_weighting(name: str, tasks: Sequence[str], **kwargs: Any) -> LossWeighting:
+    """Build a weighting method by name.
+
+    Args:
+        name: one of :data:`WEIGHTINGS`.
+        tasks: the task names.
+        **kwargs: the method's own arguments (e.g. ``temperature`` for ``dwa``).
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    if name not in _METHODS:
+        raise ValueError(f"unknown loss weighting {name!r}; expected one of {sorted(_METHODS)}")
+    return _METHODS[name](tasks, **kwargs)

@@ -86,7 +86,7 @@ def _recipe(files, tmp_path: Path, **train) -> Path:
 def no_model(monkeypatch):
     """Fail the test if anything loads a base model (the checks must come first)."""
 
-    def refuse(*a, **k):
+    def refuse(*_a, **_k):
         raise AssertionError("the base model was loaded before the recipe was checked")
 
     monkeypatch.setattr("adapters_mtl.data.bases.load_base", refuse)
@@ -163,7 +163,8 @@ def test_cli_prints_one_error_line_per_problem_without_a_traceback(files, tmp_pa
 
 
 # ----------------------------------------------------------------------------- before the model loads
-def test_empty_test_split_fails_before_the_model_loads(files, tmp_path, no_model):
+@pytest.mark.usefixtures("no_model")
+def test_empty_test_split_fails_before_the_model_loads(files, tmp_path):
     path = _recipe(files, tmp_path)
     started = time.perf_counter()
     with pytest.raises(RecipeError) as e:
@@ -173,7 +174,8 @@ def test_empty_test_split_fails_before_the_model_loads(files, tmp_path, no_model
     assert "tasks.1.splits" in str(e.value) and not (tmp_path / "run").exists()
 
 
-def test_unusable_output_dir_and_registry_are_reported_together_before_the_model(files, tmp_path, no_model):
+@pytest.mark.usefixtures("no_model")
+def test_unusable_output_dir_and_registry_are_reported_together_before_the_model(files, tmp_path):
     path = _recipe(files, tmp_path)
     (tmp_path / "a_file").write_text("not a folder")
     recipe = load_recipe(path, [f"train.output_dir={tmp_path / 'a_file'}", f"registry={tmp_path / 'a_file' / 'reg'}"])  # fmt: skip
@@ -211,7 +213,7 @@ def test_publish_failure_keeps_adapters_results_and_says_how_to_publish(files, t
 
     path = _recipe(files, tmp_path, steps=3)
 
-    def broken(self, *a, **k):
+    def broken(_self, *_a, **_k):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(AdapterRegistry, "publish", broken)

@@ -31,11 +31,15 @@ def _csv(path, n, cue, labels, seed):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    return two_tasks(tmp_path_factory.mktemp("tasks"))
+
+
+def two_tasks(tmp):
+    """(tokenizer, {"topic", "mood"} tasks from small synthetic CSVs in ``tmp``, a tiny BERT base)."""
     from transformers import AutoTokenizer
 
     from adapters_mtl.data.bases import minilm_path
 
-    tmp = tmp_path_factory.mktemp("tasks")
     tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
     tasks = {
         "topic": load_task(
@@ -196,7 +200,7 @@ def test_shared_adapter_training_lowers_losses_and_folds_each_task_into_one_adap
     model.eval()
     with torch.no_grad():
         stacked = {t: model(**x, adapters=("shared", t)).heads[t].logits for t in tasks}
-        trainer._restore_best()
+        trainer.restore_best()
         assert "shared" not in model.adapter_names and trainer.folded
         for t in tasks:  # one rank-(4+2) adapter per task computes what the stack did
             torch.testing.assert_close(model(**x, adapters=t).heads[t].logits, stacked[t], atol=1e-5, rtol=0)
