@@ -196,7 +196,12 @@ class MultiTaskTrainer:
         checkpoint = Path(self.cfg.output_dir) / "checkpoint"
         self.prepared.train()
         with StopRequest() as stop:
-            while self.global_step < self.cfg.steps and (stop_after is None or done_now < stop_after):
+            # the run also ends when early stopping has stopped every task (nothing left to train)
+            while (
+                self.global_step < self.cfg.steps
+                and self.early_stopping.active()
+                and (stop_after is None or done_now < stop_after)
+            ):
                 self._train_step(bar)
                 done_now += 1
                 if log is not None:
@@ -209,7 +214,7 @@ class MultiTaskTrainer:
                     self._save_from_main(checkpoint)
                 crash_point(self.global_step)
         bar.close()
-        if self.global_step >= self.cfg.steps:
+        if self.global_step >= self.cfg.steps or not self.early_stopping.active():
             self.restore_best()
             if self.cfg.log_with:
                 self.acc.end_training()

@@ -94,6 +94,18 @@ def test_seeded_two_task_run_lowers_both_losses_and_touches_only_adapters(
             assert torch.equal(v, frozen[k]), k
 
 
+def test_run_ends_cleanly_when_early_stopping_has_stopped_every_task(tmp_path, setup):
+    # lr so small that no evaluation improves: with patience 1 both tasks stop at the second evaluation.
+    # Before the fix the next step trained frozen adapters and raised "does not require grad".
+    tok, tasks, base = setup
+    model = _model(base, tasks)
+    trainer = MultiTaskTrainer(model, tok, tasks, _cfg(tmp_path, lr=1e-12, eval_every=2, patience=1))
+    result = trainer.train()
+    assert result["step"] == 4 < 40
+    assert all(b["stopped"] for b in result["best"].values())
+    assert {t for h in result["history"] for t in tasks if f"loss/{t}" in h} == set(tasks)
+
+
 def test_killed_and_resumed_run_ends_with_the_same_adapters(tmp_path, setup):
     tok, tasks, base = setup
     full = _model(base, tasks)
