@@ -6,10 +6,10 @@ the bare base for ``None``) in one batch; training and inference use this same c
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -89,7 +89,8 @@ class AdapterModel(nn.Module):
         self._methods: dict[str, Method] = {}
         self._configs: dict[str, tuple[Any, ...]] = {}
         self._head_configs: dict[str, HeadConfig] = {}
-        self._default_selection: dict[str, dict[str, object]] = {}
+        # {routing entry (a name, a stack or None): every method's selection for it on all rows}
+        self._default_selection: dict[str | tuple[str, ...] | None, dict[str, object]] = {}
         self._static: dict[str, StaticSlot] | None = None  # per method, with static_routing()
 
     # ------------------------------------------------------------------ adapters
@@ -103,7 +104,7 @@ class AdapterModel(nn.Module):
         return None
 
     @property
-    def config(self):
+    def config(self) -> Any:
         """The base model's config."""
         return self.base.config
 
@@ -121,12 +122,12 @@ class AdapterModel(nn.Module):
     @property
     def default_adapter(self) -> str | tuple[str, ...] | None:
         """The process-wide default set by :meth:`activate` (what plain calls use outside ``using`` blocks)."""
-        return self._route.default["name"]
+        return cast("str | tuple[str, ...] | None", self._route.default["name"])
 
     @property
     def hidden_size(self) -> int:
         """Width of the base model's hidden states (what heads and discriminators read)."""
-        cfg = self.base.config
+        cfg: Any = self.base.config  # a transformers config
         cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         return getattr(cfg, "hidden_size", None) or cfg.n_embd
 
@@ -247,7 +248,7 @@ class AdapterModel(nn.Module):
         names = self.method_names(name)
         return bool(names) and all(get_method(m).can_merge() for m in names)
 
-    def factors(self, name: str, state: dict[str, torch.Tensor] | None = None) -> Factors:
+    def factors(self, name: str, state: Mapping[str, torch.Tensor] | None = None) -> Factors:
         """``name``'s weight update as ``{module path: (A, B, scale)}`` (ΔW = scale·B·A; detached views of
         the live values, so writing into them under ``no_grad`` changes the adapter). ``state`` (keys as
         :meth:`adapter_parameters`) replaces the live values, e.g. a snapshot.
@@ -301,8 +302,9 @@ class AdapterModel(nn.Module):
         for p in self.adapter_parameters(name).values():
             p.requires_grad_(trainable)
 
-    def activate(self, name: str | None) -> None:
-        """Use ``name`` (or the bare base for ``None``) for plain calls without ``adapters=``.
+    def activate(self, name: str | tuple[str, ...] | None) -> None:
+        """Use ``name`` (or the bare base for ``None``, or a stack: a tuple of names) for plain calls without
+        ``adapters=``.
 
         O(1): one dict look-up and one assignment, whatever the number of adapters/layers. The default is
         shared by every thread; for one thread only, use :meth:`using`.
@@ -341,7 +343,7 @@ class AdapterModel(nn.Module):
         with self._route.scoped({**self._selection_of(name), "name": name}):
             yield name
 
-    def _usable(self, name, where: str):
+    def _usable(self, name: str | tuple[str, ...] | None, where: str) -> str | tuple[str, ...] | None:
         """``name`` checked as the adapter of plain calls (a name, None or a stack; known; not hidden by a
         merged adapter), 1-tuples unwrapped."""
         problem = routing_entry_problem(name)
@@ -358,7 +360,7 @@ class AdapterModel(nn.Module):
             )
         return name
 
-    def _selection_of(self, name) -> dict[str, object]:
+    def _selection_of(self, name: str | tuple[str, ...] | None) -> dict[str, object]:
         """Every method's selection for one entry on all rows (cached: what makes switching O(1))."""
         sel = self._default_selection.get(name)
         if sel is None:
@@ -412,8 +414,8 @@ class AdapterModel(nn.Module):
     # ------------------------------------------------------------------ calls
     @contextmanager
     def routed(
-        self, adapters: str | Sequence[str | None] | None, batch_size: int
-    ) -> Iterator[list[str | None]]:
+        self, adapters: str | Sequence[str | tuple[str, ...] | None] | None, batch_size: int
+    ) -> Iterator[list[str | tuple[str, ...] | None]]:
         """Route every call inside the block (e.g. a custom loop calling ``model.base`` directly).
 
         Raises:
@@ -423,7 +425,7 @@ class AdapterModel(nn.Module):
         with self._route.scoped(self._selections(names)):
             yield names
 
-    def forward(self, *args: Any, adapters: Any = _UNSET, **kwargs: Any):
+    def forward(self, *args: Any, adapters: Any = _UNSET, **kwargs: Any) -> Any:
         """Run the base model with per-row adapters.
 
         Args:
@@ -441,7 +443,7 @@ class AdapterModel(nn.Module):
             # one snapshot of this thread's routing for the whole call: an activate() in another thread
             # switches later calls, not the layers of this one still to run
             with self._route.scoped({}) as call:
-                name = call["name"]
+                name = cast("str | tuple[str, ...] | None", call["name"])
                 merged = self.merged_adapter
                 if merged is not None and name != merged:  # a using() block opened before a merge
                     raise RuntimeError(
@@ -452,16 +454,19 @@ class AdapterModel(nn.Module):
         with self.routed(adapters, B) as names:
             return self._call(names, args, kwargs)
 
-    def generate(self, *args: Any, adapters: Any = _UNSET, **kwargs: Any):
+    def generate(self, *args: Any, adapters: Any = _UNSET, **kwargs: Any) -> Any:
         """``base.generate`` with per-row adapters (LoRA and prefix, KV cache included); ``adapters`` as in
         :meth:`forward` (omitted: this thread's active adapter, fixed for the whole generation)."""
+        base: Any = self.base  # a transformers model (GenerationMixin.generate)
         if adapters is _UNSET:
             with self._route.scoped({}):
-                return self.base.generate(*args, **kwargs)
+                return base.generate(*args, **kwargs)
         with self.routed(adapters, _batch_size(args, kwargs)):
-            return self.base.generate(*args, **kwargs)
+            return base.generate(*args, **kwargs)
 
-    def _call(self, names: list[str | None], args, kwargs):
+    def _call(
+        self, names: list[str | tuple[str, ...] | None], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         self._refuse_checkpointing(names)
         row_heads = [self._head_of(n) for n in names]
         with_head = [n for n in dict.fromkeys(row_heads) if n is not None]
@@ -487,12 +492,12 @@ class AdapterModel(nn.Module):
         return result
 
     # ------------------------------------------------------------------ internals
-    def _head_of(self, entry) -> str | None:
+    def _head_of(self, entry: str | tuple[str, ...] | None) -> str | None:
         """The head a row uses: its adapter's, or for a stack the last adapter's that has one."""
         names = entry if isinstance(entry, tuple) else (entry,)
         return next((n for n in reversed(names) if n is not None and n in self.heads), None)
 
-    def _refuse_checkpointing(self, names: list[str | None]) -> None:
+    def _refuse_checkpointing(self, names: list[str | tuple[str, ...] | None]) -> None:
         # Activation checkpointing recomputes layers during backward, after this call's routing has
         # ended, so the recomputation would run other adapters. Until routing is captured per layer,
         # refuse the combinations that would be wrong instead of training on garbage.
@@ -516,7 +521,7 @@ class AdapterModel(nn.Module):
                 "model.base.activation_checkpointing_disable(), or train one adapter per batch."
             )
 
-    def _method(self, method_name: str):
+    def _method(self, method_name: str) -> Method:
         if method_name not in self._methods:
             method = get_method(method_name)(self.base, self._route, adapter_dtype=self.lora_dtype)
             if isinstance(method.module, nn.Module):
@@ -526,7 +531,7 @@ class AdapterModel(nn.Module):
             self._default_selection.clear()
         return self._methods[method_name]
 
-    def _selections(self, names: list[str | None]) -> dict[str, object]:
+    def _selections(self, names: Sequence[str | tuple[str, ...] | None]) -> dict[str, object]:
         return {m: method.selection(names) for m, method in self._methods.items()}
 
     def _make_head(self, head: HeadConfig) -> Head:
@@ -545,7 +550,7 @@ class AdapterModel(nn.Module):
         ref = next(self.base.parameters())
         return Head(head, hidden, pooling).to(device=ref.device, dtype=ref.dtype)
 
-    def _check_known(self, names: Sequence) -> None:
+    def _check_known(self, names: Sequence[str | tuple[str, ...] | None]) -> None:
         unknown = sorted({n for n in _flat(names) if n not in self._configs})
         if unknown:
             raise KeyError(
@@ -553,7 +558,7 @@ class AdapterModel(nn.Module):
                 "Add it with add_adapter(name, config) or check the spelling."
             )
 
-    def _row_names(self, adapters: Any, batch_size: int) -> list[str | None]:
+    def _row_names(self, adapters: Any, batch_size: int) -> list[str | tuple[str, ...] | None]:
         if adapters is None or isinstance(adapters, (str, tuple)):  # one entry for all rows (tuple: a stack)
             problem = routing_entry_problem(adapters)
             problems = [f"adapters: {problem}"] if problem else []
@@ -592,7 +597,7 @@ class AdapterModel(nn.Module):
         )
 
 
-def routing_entry_problem(entry, what: str = "adapter names") -> str | None:
+def routing_entry_problem(entry: object, what: str = "adapter names") -> str | None:
     """What is wrong with one routing entry (None when it is a name, None, or a non-empty tuple of names;
     ``what`` names the strings in messages, e.g. "references" for the Composer).
 
@@ -610,22 +615,22 @@ def routing_entry_problem(entry, what: str = "adapter names") -> str | None:
     return f"got {type(entry).__name__} {entry!r}"
 
 
-def _stack(entry):
+def _stack(entry: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
     """Normalise a checked routing entry: a 1-element stack is just the name."""
     if isinstance(entry, tuple) and len(entry) == 1:
         return entry[0]
     return entry
 
 
-def _flat(entries) -> list[str]:
+def _flat(entries: Iterable[str | tuple[str, ...] | None]) -> list[str]:
     """Every adapter name in a list of routing entries (stacks flattened, None dropped)."""
-    out = []
+    out: list[str] = []
     for e in entries:
         out.extend(e if isinstance(e, tuple) else ([e] if e is not None else []))
     return out
 
 
-def _batch_size(args, kwargs) -> int:
+def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     for key in ("input_ids", "inputs_embeds"):
         if kwargs.get(key) is not None:
             return kwargs[key].shape[0]

@@ -22,6 +22,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -82,7 +83,8 @@ class _Local(threading.local):
 
     def __init__(self) -> None:
         self.call: dict[str, object] | None = None  # this thread's call in progress; None: the default
-        self.prefix_context: object | None = None  # the prefix bank's keys/values of the backbone call
+        # the prefix bank's keys/values of the backbone call (its own type: the core does not know it)
+        self.prefix_context: Any = None
 
 
 class Route:
@@ -111,9 +113,12 @@ class Route:
         self.strategy: str = "gather"
         self.local = _Local()
 
-    def get(self, key: str) -> object:
+    def get(self, key: str) -> Any:
         """The routing of ``key`` for this thread: its call's, else the default. The banks' one accessor
-        (a thread-local read and a dict look-up per layer call)."""
+        (a thread-local read and a dict look-up per layer call).
+
+        Returns ``Any``: the type depends on the key (each method's selection type), so a reader declares
+        it (``sel: LoraSelection = route.get("lora")``) instead of narrowing on every layer call."""
         call = self.local.call
         return (self.default if call is None else call).get(key)
 
@@ -139,10 +144,10 @@ class Route:
 
     # copy.deepcopy / pickling of a model: a threading.local cannot be copied; calls in progress
     # belong to their threads, so a copy starts with the default only.
-    def __getstate__(self) -> dict[str, object]:
+    def __getstate__(self) -> dict[str, Any]:
         return {"default": self.default, "strategy": self.strategy}
 
-    def __setstate__(self, state: dict[str, object]) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
         self.default = state["default"]
         self.strategy = state["strategy"]
         self.local = _Local()

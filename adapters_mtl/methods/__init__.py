@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from .base import Factors, KeyMap, Method
+from .base import Factors, KeyMap, Method, MethodConfig
 from .lora import LoraLayer, LoraMethod
 from .lora_config import LoraConfig
 from .prefix import PrefixMethod
@@ -22,6 +22,7 @@ __all__ = [
     "LoraConfig",
     "LoraLayer",
     "Method",
+    "MethodConfig",
     "PrefixConfig",
     "get_method",
     "method_for_peft_config",

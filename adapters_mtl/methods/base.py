@@ -15,19 +15,37 @@ in the call's routing under the method's name; the method's layers read it back 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
 from ..core.routing import Route, StaticSlot
 
-__all__ = ["Factors", "KeyMap", "Method"]
+__all__ = ["Factors", "KeyMap", "Method", "MethodConfig"]
 
 # {module path: (A (r, in), B (out, r), scale)}: an adapter's weight update ΔW = scale·B·A per module
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 # ways to read a module path saved by PEFT: (how, saved path -> this model's path or None)
 KeyMap = list[tuple[str, Callable[[str], str | None]]]
+
+
+class MethodConfig(Protocol):
+    """What a method's native config provides (in practice a frozen dataclass, e.g. ``LoraConfig``)."""
+
+    @property
+    def method(self) -> str:
+        """The name of the method it configures (``Method.name``)."""
+        ...
+
+    def to_peft(self, **extra: Any) -> Any:
+        """The equivalent PEFT config object (``extra``: PEFT's fields such as ``task_type``)."""
+        ...
+
+    @classmethod
+    def from_peft(cls, cfg: Any) -> MethodConfig:
+        """The native config of a PEFT config object."""
+        ...
 
 
 class Method:
@@ -52,7 +70,7 @@ class Method:
     """
 
     name: ClassVar[str]
-    config_class: ClassVar[type]
+    config_class: ClassVar[type[MethodConfig]]
     peft_config_types: ClassVar[tuple[str, ...]] = ()
     idle_selection: ClassVar[object] = None
     recomputable: ClassVar[bool] = True

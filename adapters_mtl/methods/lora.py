@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -68,14 +68,16 @@ class LoraMethod(Method):
                 self._actual[name] = path
         return out
 
-    def _match(self, config) -> list[str]:
+    def _match(self, config: LoraConfig) -> list[str]:
         from peft.tuners.tuners_utils import check_target_module_exists
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-        targets = config.targets
+        targets: list[str] | tuple[str, ...] | str | None = config.targets
         if targets is None:
             model_type = getattr(self.model.config, "model_type", None)
-            targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+            # peft's values are lists of module names or one regex (a str); mypy infers Sequence[str]
+            mapping = cast("dict[str, list[str] | str]", TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
+            targets = mapping.get(model_type) if model_type is not None else None
             if targets is None:
                 raise ValueError(
                     f"LoraConfig.targets is None and there is no default for model type {model_type!r}: "
@@ -83,7 +85,8 @@ class LoraMethod(Method):
                 )
         candidates = self._candidates()
         if targets == "all-linear":  # PEFT's shorthand: every Linear/Conv1D except the output layer
-            out = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+            model: Any = self.model  # a transformers model (get_output_embeddings) or a plain module
+            out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
             targets = [
                 p for p, m in candidates.items() if m is not out and getattr(m, "base_layer", None) is not out
             ]
@@ -115,7 +118,7 @@ class LoraMethod(Method):
 
     # ---------------------------------------------------------------- adapters
     @override
-    def add(self, name: str, config) -> None:
+    def add(self, name: str, config: LoraConfig) -> None:
         from peft.utils.other import get_pattern_key
 
         paths = self._match(config)
@@ -140,14 +143,16 @@ class LoraMethod(Method):
     @override
     def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
         """``{"<module path>.lora_A": A, "<module path>.lora_B": B}`` for every targeted module."""
-        out = {}
+        out: dict[str, nn.Parameter] = {}
         for path in self.targets[name]:
             for key, p in self.layers[path].adapter_params(name).items():
                 out[f"{path}.{key}"] = p
         return out
 
     @override
-    def selection(self, names: list) -> int | MixedRows | tuple:
+    def selection(
+        self, names: Sequence[str | tuple[str, ...] | None]
+    ) -> int | MixedRows | tuple[int | MixedRows, ...]:
         """Turn one entry per row (a name, None, or a tuple = a stack) into this method's routing.
 
         A stack becomes one level per position (level k holds each row's k-th LoRA adapter); layers add
@@ -180,7 +185,11 @@ class LoraMethod(Method):
     @override
     def merge(self, name: str, keep_original: bool = True) -> None:
         if not keep_original:
-            tied = [p for p in self.targets[name] if self._is_tied(self.layers[p].base_layer.weight)]
+            tied = [
+                p
+                for p in self.targets[name]
+                if self._is_tied(cast(torch.Tensor, self.layers[p].base_layer.weight))
+            ]
             if tied:
                 raise ValueError(
                     f"cannot merge {name!r} in place: {tied} share their weight with another module "
@@ -228,7 +237,7 @@ class LoraMethod(Method):
     @override
     def factors(self, name: str, state: Mapping[str, torch.Tensor] | None = None) -> Factors:
         """``{module path: (A, B, scale)}``; ``state`` keys as :meth:`adapter_params`."""
-        out = {}
+        out: Factors = {}
         for path in self.targets[name]:
             layer = self.layers[path]
             A = state[f"{path}.lora_A"] if state is not None else layer.lora_A[name]
@@ -263,7 +272,7 @@ class LoraMethod(Method):
                 "in target_modules, or serve it with PEFT"
             ]
         pairs: dict[str, dict[str, torch.Tensor]] = {}
-        problems = []
+        problems: list[str] = []
         for key, t in tensors.items():
             m = re.match(r"^(.+)\.lora_([AB])\.weight$", key)
             if not m:
@@ -300,7 +309,7 @@ class LoraMethod(Method):
     def load_peft_state(self, name: str, state: Mapping[str, torch.Tensor], key_maps: KeyMap) -> list[str]:
         params = self.adapter_params(name)
         names, problems = _native_names(key_maps, list(state), set(params))
-        plan = []
+        plan: list[tuple[nn.Parameter, torch.Tensor]] = []
         for key, tensor in state.items():
             if key not in names:
                 continue  # reported by _native_names

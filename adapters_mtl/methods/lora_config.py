@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from ..core.config import as_tuple, positive_number
 
@@ -75,14 +75,15 @@ class LoraConfig:
         """The LoRA scale for a module of rank ``r`` and ``alpha``."""
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
-    def to_peft(self, target_modules: Sequence[str] | str | None = None, **extra: Any):
+    def to_peft(self, target_modules: list[str] | tuple[str, ...] | str | None = None, **extra: Any) -> Any:
         """The equivalent ``peft.LoraConfig`` (``target_modules`` resolved if given)."""
         import peft
 
         targets = target_modules if target_modules is not None else self.targets
         return peft.LoraConfig(
             r=self.r,
-            lora_alpha=self.alpha,
+            # peft annotates lora_alpha as int, but scales by any number (alpha / r): a float alpha is valid
+            lora_alpha=self.alpha,  # type: ignore[arg-type]
             target_modules=list(targets) if isinstance(targets, tuple) else targets,
             lora_dropout=self.dropout,
             use_rslora=self.use_rslora,
@@ -142,7 +143,8 @@ class LoraConfig:
             layers_to_transform=(
                 (cfg.layers_to_transform,)
                 if isinstance(cfg.layers_to_transform, int)
-                else as_tuple(cfg.layers_to_transform)
+                # peft's is a list of ints or None here, never a str
+                else cast("tuple[int, ...] | None", as_tuple(cfg.layers_to_transform))
             ),
             exclude=tuple(sorted(cfg.exclude_modules))
             if isinstance(cfg.exclude_modules, (set, list))

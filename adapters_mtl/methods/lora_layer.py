@@ -11,6 +11,8 @@ and keeps no stacked storage; see README "Routing algorithm".
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +23,12 @@ from ..core.routing import MixedRows, Route, StaticSlot
 
 __all__ = ["LoraLayer", "is_lora_target_type"]
 
+# What the layer reads from the routing (see LoraMethod.selection): one slot for every row (0 = none),
+# each row's slot, the slot tensor of static routing, or a stack of levels.
+LoraSelection = int | MixedRows | StaticSlot | tuple[int | MixedRows, ...]
 
-def _conv1d_type():
+
+def _conv1d_type() -> type[nn.Module]:
     from transformers.pytorch_utils import Conv1D
 
     return Conv1D
@@ -39,13 +45,21 @@ class LoraLayer(nn.Module):
     Args:
         base_layer: the frozen ``nn.Linear`` or ``Conv1D``.
         route: the owning model's :class:`Route` (each call's routing is read from it per thread).
+        dtype: the dtype of the adapters' weights (None: :func:`adapter_dtype_for` the base weight's).
     """
+
+    # buffers (registered in __init__, replaced whole when the stacks grow) and the shared routing (set
+    # with object.__setattr__): declared so that reads are typed, not nn.Module.__getattr__'s union
+    stack_A: torch.Tensor
+    stack_B: torch.Tensor
+    scales: torch.Tensor
+    _route: Route
 
     def __init__(self, base_layer: nn.Module, route: Route, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.fan_in_fan_out = isinstance(base_layer, _conv1d_type())
-        w = base_layer.weight
+        w = cast(torch.Tensor, base_layer.weight)  # a Linear's or Conv1D's
         dtype = dtype or adapter_dtype_for(w.dtype)
         self.in_features, self.out_features = (
             (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
@@ -112,7 +126,7 @@ class LoraLayer(nn.Module):
                 self.stack_B[slot, :, :r].copy_(self.lora_B[name].data)
         self._repoint()
 
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LoraLayer:
         super()._apply(fn, recurse)
         self.scales = self.scales.float()  # scales stay fp32 whatever the model's dtype
         if self._original:  # the weight set aside by merge() follows the module's device/dtype too
@@ -120,7 +134,7 @@ class LoraLayer(nn.Module):
         self._resync()
         return self
 
-    def __setstate__(self, state) -> None:  # copy.deepcopy and unpickling
+    def __setstate__(self, state: dict[str, Any]) -> None:  # copy.deepcopy and unpickling
         super().__setstate__(state)
         self._resync()
 
@@ -189,7 +203,7 @@ class LoraLayer(nn.Module):
             return
         if self.merged is not None:
             raise RuntimeError(f"adapter {self.merged!r} is already merged here; unmerge() first")
-        w = self.base_layer.weight
+        w = cast(nn.Parameter, self.base_layer.weight)
         delta = self.delta_weight(name).to(w.dtype)
         if keep_original:
             self._original = [w]
@@ -206,18 +220,21 @@ class LoraLayer(nn.Module):
         if self._original:
             self.base_layer.weight = self._original.pop()
         else:
-            self.base_layer.weight.sub_(self.delta_weight(self.merged).to(self.base_layer.weight.dtype))
+            w = cast(nn.Parameter, self.base_layer.weight)
+            w.sub_(self.delta_weight(self.merged).to(w.dtype))
         self.merged = None
 
     # ----------------------------------------------------------------- forward
     def _dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
         return F.dropout(x, p, training=True) if (self.training and p > 0) else x
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base layer's output plus each row's LoRA update (``x``: (..., in) → (..., out))."""
         out = self.base_layer(x, *args, **kwargs)
         if not self.slots:
             return out
-        sel = self._route.get("lora")  # this thread's call, else the default: one read per layer call
+        # this thread's call, else the default: one read per layer call
+        sel: LoraSelection = self._route.get("lora")
         # computed in the adapters' dtype (fp32 on a half-precision base, as PEFT's autocast_adapter_dtype),
         # added to the output in its own; a no-op when the two agree
         x = x.to(self.stack_A.dtype)
@@ -231,7 +248,7 @@ class LoraLayer(nn.Module):
             return out
         return out + self._delta(x, sel, out.dtype)
 
-    def _delta(self, x: torch.Tensor, sel, dtype) -> torch.Tensor | float:
+    def _delta(self, x: torch.Tensor, sel: int | MixedRows, dtype: torch.dtype) -> torch.Tensor | float:
         """The LoRA update of one routing level (0. when no row of it uses this layer)."""
         if isinstance(sel, int):
             name = self._name_of_slot.get(sel)

@@ -12,9 +12,9 @@ rotated, real-token positions start at P), so PEFT-trained prefixes behave ident
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ from typing_extensions import override
 from ..core.routing import Route
 from .base import KeyMap, Method
 from .prefix_config import PrefixConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["PrefixBank", "PrefixMethod", "attention_geometry"]
 
@@ -34,7 +37,15 @@ def _register_attention() -> None:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import AttentionInterface
 
-    def routed_sdpa(module, query, key, value, attention_mask, **kwargs):
+    # module: a transformers attention module, tagged by PrefixBank with _amtl_bank and adapters_mtl_layer
+    def routed_sdpa(
+        module: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         bank = getattr(module, "_amtl_bank", None)
         ctx = bank.current_context() if bank is not None else None
         if ctx is None:
@@ -62,7 +73,7 @@ def _register_attention() -> None:
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
 
 
-def _sliding_window(config) -> int | None:
+def _sliding_window(config: Any) -> int | None:
     """The sliding window of a config whose layers use one (None when none does)."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     window = getattr(cfg, "sliding_window", None)
@@ -72,7 +83,7 @@ def _sliding_window(config) -> int | None:
     return window if types is None or "sliding_attention" in types else None
 
 
-def attention_geometry(config) -> tuple[int, int, int]:
+def attention_geometry(config: Any) -> tuple[int, int, int]:
     """(layers, KV heads, head dim) of a transformers config, as PEFT computes them for prefixes."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
@@ -85,7 +96,7 @@ def attention_geometry(config) -> tuple[int, int, int]:
     return layers, kv_heads, head_dim
 
 
-def find_self_attention(model: nn.Module, num_layers: int) -> list[nn.Module]:
+def find_self_attention(model: PreTrainedModel, num_layers: int) -> list[nn.Module]:
     """The self-attention module of each layer, in layer order.
 
     Raises:
@@ -127,7 +138,9 @@ def find_self_attention(model: nn.Module, num_layers: int) -> list[nn.Module]:
 class _PrefixParams(nn.Module):
     """One adapter's prefix: ``embedding`` (P, L·2·H·D), or (P, H·D) plus an MLP ``transform``."""
 
-    def __init__(self, P: int, kv_dim: int, layers: int, projection: bool, hidden: int | None, std: float):
+    def __init__(
+        self, P: int, kv_dim: int, layers: int, projection: bool, hidden: int | None, std: float
+    ) -> None:
         super().__init__()
         out = layers * 2 * kv_dim
         self.embedding = nn.Embedding(P, kv_dim if projection else out)
@@ -159,6 +172,7 @@ class PrefixContext:
     lengths: torch.Tensor
 
     def layer(self, i: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s prefix keys and values (B, H, P, D) each and the mask (B, P), for ``n`` rows."""
         if n != self.kv.shape[0]:
             raise RuntimeError(f"prefixes were built for {self.kv.shape[0]} rows but attention received {n}")
         layer = self.kv[:, :, i]  # (B, P, 2, H, D)
@@ -173,7 +187,11 @@ class PrefixBank(nn.Module):
         route: the owning model's :class:`Route` (each call's routing is read from it per thread).
     """
 
-    def __init__(self, model: nn.Module, route: Route) -> None:
+    # set with object.__setattr__ (shared, not submodules): declared so that reads are typed
+    _route: Route
+    _model: PreTrainedModel
+
+    def __init__(self, model: PreTrainedModel, route: Route) -> None:
         super().__init__()
         self.layers, self.kv_heads, self.head_dim = attention_geometry(model.config)
         attn = find_self_attention(model, self.layers)
@@ -194,7 +212,8 @@ class PrefixBank(nn.Module):
         self.prefixes = nn.ModuleDict()
         # The prefixes of the backbone call in progress live in route.local (per thread), never here:
         # concurrent calls in other threads build their own.
-        self._cache: tuple | None = None  # (key, context) of the last no-grad call
+        # (key, context) of the last no-grad call
+        self._cache: tuple[tuple[Any, ...], PrefixContext | None] | None = None
         self._generation = 0  # bumped by add/remove: a re-added name never hits an old cache entry
         object.__setattr__(self, "_route", route)
         object.__setattr__(self, "_model", model)
@@ -206,9 +225,12 @@ class PrefixBank(nn.Module):
 
     @property
     def kv_dim(self) -> int:
+        """Width of one layer's keys (or values): KV heads × head dim."""
         return self.kv_heads * self.head_dim
 
     def add(self, name: str, P: int, projection: bool, hidden: int | None, std: float) -> None:
+        """Attach prefix ``name`` of ``P`` virtual tokens (``projection``: through an MLP of width
+        ``hidden``), initialised normal(0, ``std``)."""
         ref = next(self._model.parameters())
         module = _PrefixParams(P, self.kv_dim, self.layers, projection, hidden, std)
         self.prefixes[name] = module.to(ref.device)
@@ -216,11 +238,13 @@ class PrefixBank(nn.Module):
         self._cache = None
 
     def remove(self, name: str) -> None:
+        """Detach prefix ``name``."""
         del self.prefixes[name]
         self._generation += 1
         self._cache = None
 
     def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
+        """Every parameter of prefix ``name``, by its name inside the prefix module."""
         return dict(self.prefixes[name].named_parameters())
 
     def context(
@@ -230,7 +254,7 @@ class PrefixBank(nn.Module):
         uniq = sorted({n for n in names if n is not None})
         if not uniq:
             return None
-        kvs = {n: self.prefixes[n].kv() for n in uniq}  # each (P_n, L*2*H*D)
+        kvs = {n: cast(_PrefixParams, self.prefixes[n]).kv() for n in uniq}  # each (P_n, L*2*H*D)
         P = max(v.shape[0] for v in kvs.values())
         L, H, D = self.layers, self.kv_heads, self.head_dim
         lengths = [kvs[n].shape[0] if n is not None else 0 for n in names]
@@ -253,7 +277,9 @@ class PrefixBank(nn.Module):
         mask = torch.arange(P, device=device).unsqueeze(0) < lengths_t.unsqueeze(1)
         return PrefixContext(kv=kv, mask=mask, lengths=lengths_t)
 
-    def _cached_context(self, names: list[str | None], device, dtype) -> PrefixContext | None:
+    def _cached_context(
+        self, names: list[str | None], device: torch.device, dtype: torch.dtype
+    ) -> PrefixContext | None:
         # Without autograd (inference, generate) the same rows reuse the last context: each decode
         # step of generate() would otherwise rebuild identical (B, P, L, 2, H, D) tensors. The key
         # includes every used parameter's version counter, so an in-place edit invalidates it.
@@ -274,7 +300,9 @@ class PrefixBank(nn.Module):
         """The prefixes of this thread's backbone call in progress (None outside one, or without prefixes)."""
         return self._route.local.prefix_context
 
-    def _begin_call(self, module, args, kwargs):
+    def _begin_call(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         sel = self._route.get("prefix")
         local = self._route.local
         if not isinstance(sel, PrefixSelection):
@@ -289,6 +317,7 @@ class PrefixBank(nn.Module):
         names = sel.rows(B)
         w = next(self._model.parameters())
         ctx = self._cached_context(names, ref.device, w.dtype)
+        assert ctx is not None  # a PrefixSelection routes a prefix to at least one row
         local.prefix_context = ctx
         # Real tokens sit after the prefix (positions start at P, as in PEFT); done on the backbone so
         # that generate(), which calls the base model directly, gets it too.
@@ -299,7 +328,7 @@ class PrefixBank(nn.Module):
             return args, kwargs
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-        emb = getattr(module, "embeddings", None)
+        emb: Any = getattr(module, "embeddings", None)
         ids = kwargs.get("input_ids", args[0] if args else None)
         if hasattr(emb, "create_position_ids_from_input_ids"):
             # RoBERTa/XLM-R count positions from padding_idx + 1, skipping pad tokens, and offset them by
@@ -325,6 +354,8 @@ class PrefixSelection:
     names: tuple[str | None, ...] | None = None
 
     def rows(self, n: int) -> list[str | None]:
+        """One prefix name (or None) per row of a batch of ``n`` (a multiple of the routed rows when
+        ``generate`` repeats them)."""
         if self.names is None:
             return [self.uniform] * n
         if n == len(self.names):
@@ -348,12 +379,13 @@ class PrefixMethod(Method):
 
     def __init__(self, model: nn.Module, route: Route, *, adapter_dtype: torch.dtype | None = None) -> None:
         super().__init__(model, route, adapter_dtype=adapter_dtype)
-        self.bank = PrefixBank(model, route)
+        # the bank checks that the model is a transformers model whose attention it can switch
+        self.bank = PrefixBank(cast("PreTrainedModel", model), route)
         self.module = self.bank  # registered by the model, so prefixes are its parameters
         self.lengths: dict[str, int] = {}
 
     @override
-    def add(self, name: str, config) -> None:
+    def add(self, name: str, config: PrefixConfig) -> None:
         self.bank.add(
             name, config.num_virtual_tokens, config.projection, config.encoder_hidden_size, config.init_std
         )
@@ -377,8 +409,8 @@ class PrefixMethod(Method):
         return {f"prefix.{k}": p for k, p in self.bank.adapter_params(name).items()}
 
     @override
-    def selection(self, names: list) -> PrefixSelection | None:
-        rows = []
+    def selection(self, names: Sequence[str | tuple[str, ...] | None]) -> PrefixSelection | None:
+        rows: list[str | None] = []
         for entry in names:
             found = [n for n in (entry if isinstance(entry, tuple) else (entry,)) if n in self.lengths]
             if len(found) > 1:
@@ -440,7 +472,7 @@ class PrefixMethod(Method):
     @override
     def peft_state(self, name: str) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            return {_KEY: self.bank.prefixes[name].kv().detach().contiguous().clone()}
+            return {_KEY: cast(_PrefixParams, self.bank.prefixes[name]).kv().detach().contiguous().clone()}
 
     @override
     @torch.no_grad()
@@ -448,7 +480,7 @@ class PrefixMethod(Method):
         problems = self.check_peft_tensors(state)
         if _KEY not in state:
             return [*problems, f"missing keys: [{_KEY!r}]"]
-        module = self.bank.prefixes[name]
+        module = cast(_PrefixParams, self.bank.prefixes[name])
         if module.transform is not None:
             return [
                 *problems,

@@ -43,7 +43,7 @@ class PrefixConfig:
         if problems:
             raise ValueError("invalid PrefixConfig: " + "; ".join(problems))
 
-    def to_peft(self, **extra: Any):
+    def to_peft(self, **extra: Any) -> Any:
         """The equivalent ``peft.PrefixTuningConfig``."""
         import peft
 
