@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 __all__ = ["HeadConfig", "adapter_dtype_for", "as_tuple", "positive_number", "validate_name"]
 
@@ -23,7 +24,9 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 def validate_name(name: object, what: str = "adapter name") -> str:
     """Check an adapter name: 1-64 chars of letters, digits, ``_`` or ``-``, starting alphanumeric.
 
-    Names become module keys and, later, folder names, so dots, slashes and spaces are refused.
+    Names become module keys and, later, folder names, so dots, slashes and spaces are refused, and so
+    are the names of torch's ModuleDict/ParameterDict attributes (``half``, ``to``, ``train``, ...), which
+    torch cannot use as keys.
 
     Raises:
         ValueError: with the received value and the expected form.
@@ -33,7 +36,16 @@ def validate_name(name: object, what: str = "adapter name") -> str:
             f"invalid {what} {name!r}: expected 1-64 characters of letters, digits, '_' or '-', "
             "starting with a letter or digit (no dots, slashes or spaces), e.g. 'news_topic'."
         )
+    if name in _TORCH_ATTRIBUTES:
+        raise ValueError(
+            f"invalid {what} {name!r}: it is the name of a torch module attribute (torch.nn.Module.{name}), "
+            f"which cannot be a module key; pick another name, e.g. '{name}_task'."
+        )
     return name
+
+
+# names torch's ModuleDict and ParameterDict refuse as keys (they are attributes of the containers)
+_TORCH_ATTRIBUTES = frozenset(dir(nn.ModuleDict)) | frozenset(dir(nn.ParameterDict))
 
 
 def adapter_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:

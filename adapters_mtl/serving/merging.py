@@ -25,15 +25,14 @@ import functools
 import math
 import operator
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from ..methods import LoraConfig
+from ..methods.lora_factors import LoraFactors, add_cat, add_factors, cat_factors
 
 if TYPE_CHECKING:
-    from ..core.config import HeadConfig
     from ..core.model import AdapterModel
 
 __all__ = [
@@ -50,9 +49,6 @@ __all__ = [
 MERGE_METHODS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 # cat: exact for any weights and ranks (linear has cross terms and needs equal ranks)
 DEFAULT_MERGE_METHOD = "cat"
-
-# {module path: (A (r, in), B (out, r), scale)}
-LoraFactors = Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]
 
 
 def __getattr__(name: str) -> object:
@@ -72,21 +68,6 @@ def lora_factors(model: AdapterModel, name: str, tensors: dict[str, torch.Tensor
     ``tensors`` (keys as in ``model.adapter_parameters(name)``) replaces the live values, e.g. a snapshot.
     """
     return model.factors(name, tensors)
-
-
-def cat_factors(parts: Sequence[tuple[LoraFactors, float]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Concatenate weighted factors: ``{path: (A, B)}`` with scale 1 everywhere."""
-    paths = list(dict.fromkeys(p for factors, _ in parts for p in factors))
-    out = {}
-    for path in paths:
-        As, Bs = [], []
-        for factors, weight in parts:
-            if path in factors:
-                A, B, scale = factors[path]
-                As.append(A)
-                Bs.append(B * (weight * scale))
-        out[path] = (torch.cat(As, 0), torch.cat(Bs, 1))
-    return out
 
 
 def _linear_factors(parts: Sequence[tuple[LoraFactors, float]], names: Sequence[str]) -> dict:
@@ -229,52 +210,4 @@ def merge_adapters(
     head_cfg = model.head_config(source) if source else None
     head_state = model.heads[source].state_dict() if source else None
     add_factors(model, into, factors, dropout=dropout, head=head_cfg, head_state=head_state)
-    return into
-
-
-def add_cat(
-    model: AdapterModel,
-    into: str,
-    parts: Sequence[tuple[LoraFactors, float]],
-    dropout: float = 0.0,
-    head: HeadConfig | None = None,
-    head_state: Mapping[str, torch.Tensor] | None = None,
-) -> str:
-    """Add adapter ``into`` = the ``cat`` merge of ``parts`` (``[(factors, weight), ...]``)."""
-    return add_factors(model, into, cat_factors(parts), dropout, head, head_state)
-
-
-@torch.no_grad()
-def add_factors(
-    model: AdapterModel,
-    into: str,
-    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-    dropout: float = 0.0,
-    head: HeadConfig | None = None,
-    head_state: Mapping[str, torch.Tensor] | None = None,
-) -> str:
-    """Add LoRA adapter ``into`` with scale 1 and the given ``{path: (A, B)}`` (per-module ranks), and an
-    optional head (a ``HeadConfig`` and its ``state_dict``). Nothing stays attached on error."""
-    ranks = {p: a.shape[0] for p, (a, _) in factors.items()}
-    r = max(ranks.values())
-    config = LoraConfig(
-        r=r,
-        alpha=r,
-        targets=tuple(factors),
-        dropout=dropout,
-        rank_pattern={p: k for p, k in ranks.items() if k != r},
-        alpha_pattern={p: k for p, k in ranks.items() if k != r},
-        init="zeros",
-    )
-    model.add_adapter(into, config, head=head)
-    try:
-        live = model.factors(into)
-        for path, (A, B) in factors.items():
-            live[path][0].copy_(A)
-            live[path][1].copy_(B)
-        if head is not None:
-            model.heads[into].load_state_dict(head_state or {})  # strict: no state is an error
-    except Exception:
-        model.remove_adapter(into)
-        raise
     return into

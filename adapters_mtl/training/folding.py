@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 
 from ..core.model import AdapterModel
-from ..serving.merging import add_cat
+from ..methods.lora_factors import add_cat
 
 __all__ = ["SHARED_PREFIX", "fold_stack", "restore", "snapshot"]
 
