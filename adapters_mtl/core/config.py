@@ -16,7 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["HeadConfig", "adapter_dtype_for", "as_tuple", "positive_number", "validate_name"]
+__all__ = [
+    "HeadConfig",
+    "adapter_dtype_for",
+    "hidden_size_of",
+    "text_config",
+    "as_tuple",
+    "positive_number",
+    "validate_name",
+]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 
@@ -46,6 +54,17 @@ def validate_name(name: object, what: str = "adapter name") -> str:
 
 # names torch's ModuleDict and ParameterDict refuse as keys (they are attributes of the containers)
 _TORCH_ATTRIBUTES = frozenset(dir(nn.ModuleDict)) | frozenset(dir(nn.ParameterDict))
+
+
+def text_config(config: Any) -> Any:
+    """The text part of a transformers config (a multimodal config's text model; else the config)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def hidden_size_of(config: Any) -> int | None:
+    """The hidden size of a transformers config (``hidden_size``, or GPT-2's ``n_embd``), or None."""
+    cfg = text_config(config)
+    return getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
 
 
 def adapter_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:

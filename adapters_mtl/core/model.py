@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..methods import Factors, Method, get_method, to_native
-from .config import HeadConfig, validate_name
+from .config import HeadConfig, hidden_size_of, validate_name
 from .heads import Head, HeadOutput
 from .routing import Route, StaticSlot
 
@@ -127,9 +127,10 @@ class AdapterModel(nn.Module):
     @property
     def hidden_size(self) -> int:
         """Width of the base model's hidden states (what heads and discriminators read)."""
-        cfg: Any = self.base.config  # a transformers config
-        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        return getattr(cfg, "hidden_size", None) or cfg.n_embd
+        hidden = hidden_size_of(self.base.config)
+        if hidden is None:
+            raise ValueError(f"cannot read the hidden size from {type(self.base.config).__name__}")
+        return hidden
 
     def adapter_config(self, name: str) -> tuple[Any, ...]:
         """The native configs of ``name`` (one per method)."""

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["MixedRows", "Route", "StaticSlot"]
+__all__ = ["MixedRows", "Route", "StaticSlot", "repeats"]
 
 
 @dataclass
@@ -52,17 +52,27 @@ class MixedRows:
         """The rows for a batch of ``n`` (``generate`` repeats each row for beams / num_return_sequences)."""
         if n == self.batch_size:
             return self
-        if n % self.batch_size:
-            raise RuntimeError(
-                f"routed batch has {self.batch_size} rows but a layer received {n}: a batch size the "
-                "routing cannot map (expected a multiple of the routed rows)."
-            )
         if n not in self._expanded:
-            k = n // self.batch_size
+            k = repeats(self.batch_size, n)
             self._expanded[n] = MixedRows(
                 self.idx.repeat_interleave(k), self.uniq, self.inv.repeat_interleave(k)
             )
         return self._expanded[n]
+
+
+def repeats(routed: int, n: int) -> int:
+    """How many times ``generate`` repeated each of ``routed`` rows to make a batch of ``n`` (beams,
+    ``num_return_sequences``: each row's copies are adjacent).
+
+    Raises:
+        RuntimeError: ``n`` is not a multiple of the routed rows.
+    """
+    if n % routed:
+        raise RuntimeError(
+            f"routed batch has {routed} rows but a layer received {n}: a batch size the routing cannot map "
+            "(expected a multiple of the routed rows)."
+        )
+    return n // routed
 
 
 class StaticSlot:

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from ..core.routing import Route
+from ..core.config import hidden_size_of, text_config
+from ..core.routing import Route, repeats
 from .base import KeyMap, Method
 from .prefix_config import PrefixConfig
 
@@ -75,7 +76,7 @@ def _register_attention() -> None:
 
 def _sliding_window(config: Any) -> int | None:
     """The sliding window of a config whose layers use one (None when none does)."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cfg = text_config(config)
     window = getattr(cfg, "sliding_window", None)
     if not isinstance(window, int) or getattr(cfg, "use_sliding_window", True) is False:
         return None
@@ -85,10 +86,10 @@ def _sliding_window(config: Any) -> int | None:
 
 def attention_geometry(config: Any) -> tuple[int, int, int]:
     """(layers, KV heads, head dim) of a transformers config, as PEFT computes them for prefixes."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cfg = text_config(config)
     layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    hidden = hidden_size_of(cfg)
     if not (layers and heads and hidden):
         raise ValueError(f"cannot read layers/heads/hidden size from {type(cfg).__name__} for prefix tuning")
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
@@ -360,9 +361,7 @@ class PrefixSelection:
             return [self.uniform] * n
         if n == len(self.names):
             return list(self.names)
-        if n % len(self.names):
-            raise RuntimeError(f"routed batch has {len(self.names)} rows but the model received {n}")
-        k = n // len(self.names)
+        k = repeats(len(self.names), n)
         return [name for name in self.names for _ in range(k)]
 
 

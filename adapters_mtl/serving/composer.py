@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..core.config import text_config
 from ..core.model import AdapterModel
 from ..data.batching import pad
 from .adapter_cache import AdapterCache, ComposerError, Entry, entry_members, row_entries
@@ -407,8 +408,7 @@ class Composer:
 
     def _positions(self) -> tuple[str, int] | None:
         """(config name, value) of the base's number of positions, if it has a fixed one."""
-        cfg = self.model.config
-        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        cfg = text_config(self.model.config)
         for key in ("max_position_embeddings", "n_positions"):
             if isinstance(getattr(cfg, key, None), int):
                 return key, getattr(cfg, key)
