@@ -6,10 +6,10 @@ corpora. See the README's "Layout" section.
 """
 
 from . import _moved
-from .core.config import HeadConfig, LoraConfig, PrefixConfig
+from .core.config import HeadConfig
 from .core.heads import HeadOutput
 from .core.model import AdapterModel, AdapterOutput
-from .methods import register_method
+from .methods import LoraConfig, PrefixConfig, register_method
 
 __version__ = "0.1.0"
 

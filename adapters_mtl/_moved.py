@@ -36,6 +36,11 @@ MOVED = {
 }
 
 
+# old modules whose names went to two new ones: the names below moved to the second
+SPLIT = {"adapters_mtl.config": "adapters_mtl.methods"}
+SPLIT_NAMES = {"adapters_mtl.config": ("LoraConfig", "PrefixConfig", "to_native")}
+
+
 class _MovedLoader(importlib.abc.Loader):
     def __init__(self, new: str) -> None:
         self.new = new
@@ -46,7 +51,15 @@ class _MovedLoader(importlib.abc.Loader):
             DeprecationWarning,
             stacklevel=2,
         )
-        return importlib.import_module(self.new)  # the same module object: one copy of its state
+        module = importlib.import_module(self.new)  # the same module object: one copy of its state
+        extra = SPLIT.get(spec.name)
+        if extra is None:
+            return module
+        # an old module whose contents now live in two places: a view that reads the first, then the other
+        view = ModuleType(spec.name, module.__doc__)
+        view.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
+        view.__dict__.update({k: getattr(importlib.import_module(extra), k) for k in SPLIT_NAMES[spec.name]})
+        return view
 
     def exec_module(self, module: ModuleType) -> None:
         pass  # already executed under its new name

@@ -277,8 +277,7 @@ def run_recipe(recipe: dict, *, resume: bool = False, overwrite: bool = False) -
     summary = {
         "steps": result["step"],
         "seconds": seconds,
-        "trainable_params": trainable
-        + sum(p.numel() for p in trainer.unfrozen.values()),
+        "trainable_params": trainable + sum(p.numel() for p in trainer.unfrozen.values()),
         "base_params": base_params,
         "test": test,
         "best": result["best"],

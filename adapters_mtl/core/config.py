@@ -1,8 +1,5 @@
 """What every method shares: adapter names, the task head's config, and checks used by the methods'
 own configs (each method's config lives beside it in ``adapters_mtl.methods``).
-
-``LoraConfig`` and ``PrefixConfig`` are still importable from here (they moved to
-``adapters_mtl.methods``; import them from ``adapters_mtl``).
 """
 
 from __future__ import annotations
@@ -157,12 +154,3 @@ class HeadConfig:
 
 
 _HEAD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(HeadConfig)}
-
-
-def __getattr__(name: str) -> object:
-    # the method configs moved to adapters_mtl.methods; old imports from here keep working
-    if name in ("LoraConfig", "PrefixConfig", "to_native"):
-        from .. import methods
-
-        return getattr(methods, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
