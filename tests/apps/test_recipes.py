@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny
+from helpers import minilm_tokenizer, tiny
 
 from adapters_mtl.apps.recipe import RecipeError, load_recipe, run_recipe
 
@@ -18,11 +18,7 @@ RECIPES = Path(__file__).parents[2] / "recipes"
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
     """Tiny BERT and tiny Llama folders with the real MiniLM tokenizer ([SEP] ends causal-LM targets)."""
-    from transformers import AutoTokenizer
-
-    from adapters_mtl.data.bases import minilm_path
-
-    tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    tok = minilm_tokenizer()
     tok.eos_token = "[SEP]"
     root = tmp_path_factory.mktemp("bases")
     out = {}

@@ -9,59 +9,29 @@ from __future__ import annotations
 import copy
 import functools
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
-from helpers import batch
+from helpers import BERT, DISTILBERT, LLAMA, SIZES, assert_rows_alone, batch, hf_model
 
 from adapters_mtl import AdapterModel, LoraConfig, PrefixConfig
 from adapters_mtl.files.folder import save_adapter
 
-V = 120  # vocabulary of every tiny model; batch() draws ids in [3, 120)
-DECODER = dict(vocab_size=V, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
-DECODER_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def _decoder(config_cls: str, model_cls: str, **extra):
-    def build():
-        import transformers
-
-        cfg = getattr(transformers, config_cls)(
-            **DECODER,
-            **DECODER_IDS,
-            hidden_size=32,
-            intermediate_size=48,
-            num_key_value_heads=2,
-            **{"attn_implementation": "sdpa", **extra},
-        )
-        return getattr(transformers, model_cls)(cfg)
-
-    return build
+def _decoder(config_cls: str, model_cls: str, **extra: Any) -> Callable[[], torch.nn.Module]:
+    return functools.partial(hf_model, model_cls, config_cls, LLAMA, **extra)
 
 
-def _encoder(config_cls: str, model_cls: str, **kwargs):
-    def build():
-        import transformers
-
-        return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs))
-
-    return build
+def _encoder(config_cls: str, model_cls: str, config: dict[str, Any]) -> Callable[[], torch.nn.Module]:
+    return functools.partial(hf_model, model_cls, config_cls, config)
 
 
-_BERT_LIKE = dict(
-    vocab_size=V,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=48,
-    max_position_embeddings=128,
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-    attn_implementation="sdpa",
-)
 # RoBERTa/XLM-R as their checkpoints: <s>=0, <pad>=1 (positions start at pad + 1 and skip pad tokens)
-_ROBERTA_LIKE = dict(_BERT_LIKE, bos_token_id=0, pad_token_id=1, eos_token_id=2)
+_ROBERTA_LIKE = dict(BERT, bos_token_id=0, pad_token_id=1, eos_token_id=2)
 
 # Sliding windows (Gemma 2/3) are longer than the test sequences here; see test_prefix_sliding_window.
 # family -> (builder, is_decoder, LoRA targets = the attention projections)
@@ -79,27 +49,14 @@ FAMILIES = {
     ),
     "gemma3": (_decoder("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=8, sliding_window=64), True, ATTN),
     "phi3": (_decoder("Phi3Config", "Phi3ForCausalLM"), True, ("qkv_proj", "o_proj")),  # fused q/k/v
-    "roberta": (_encoder("RobertaConfig", "RobertaModel", **_ROBERTA_LIKE), False, ("query", "key", "value")),
+    "roberta": (_encoder("RobertaConfig", "RobertaModel", _ROBERTA_LIKE), False, ("query", "key", "value")),
     "xlm_roberta": (
-        _encoder("XLMRobertaConfig", "XLMRobertaModel", **_ROBERTA_LIKE),
+        _encoder("XLMRobertaConfig", "XLMRobertaModel", _ROBERTA_LIKE),
         False,
         ("query", "key", "value"),
     ),
     "distilbert": (
-        _encoder(
-            "DistilBertConfig",
-            "DistilBertModel",
-            vocab_size=V,
-            dim=32,
-            n_layers=2,
-            n_heads=4,
-            hidden_dim=48,
-            max_position_embeddings=128,
-            dropout=0.0,
-            attention_dropout=0.0,
-            pad_token_id=0,
-            attn_implementation="sdpa",
-        ),
+        _encoder("DistilBertConfig", "DistilBertModel", dict(DISTILBERT, pad_token_id=0)),
         False,
         ("q_lin", "k_lin", "v_lin", "out_lin"),
     ),
@@ -107,7 +64,7 @@ FAMILIES = {
         _encoder(
             "DebertaV2Config",
             "DebertaV2Model",
-            **dict(_BERT_LIKE, attn_implementation="eager", pad_token_id=0),
+            dict(BERT, attn_implementation="eager", pad_token_id=0),
         ),
         False,
         ("query_proj", "key_proj", "value_proj"),
@@ -116,18 +73,7 @@ FAMILIES = {
         _encoder(
             "ModernBertConfig",
             "ModernBertModel",
-            vocab_size=V,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=48,
-            max_position_embeddings=128,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-            cls_token_id=1,
-            sep_token_id=2,
-            attn_implementation="sdpa",
+            dict(SIZES, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2),
         ),
         False,
         ("Wqkv", "Wo"),  # fused q/k/v
@@ -202,14 +148,8 @@ def check_routed(family: str, method: str) -> float:
     model.add_adapter("b", make_config(method, family))
     names = ["a", "b", None, "a"]
     inputs = inputs_for(family, len(names), 8)
-    worst = 0.0
+    mixed, worst = assert_rows_alone(model, inputs, names, lambda out: output(out, family))
     with torch.no_grad():
-        mixed = output(model(**inputs, adapters=names), family)
-        for i, name in enumerate(names):
-            alone = output(model(**{k: v[i : i + 1] for k, v in inputs.items()}, adapters=name), family)[0]
-            valid = inputs["attention_mask"][i].bool()
-            torch.testing.assert_close(mixed[i][valid], alone[valid], atol=1e-5, rtol=0)
-            worst = max(worst, (mixed[i][valid] - alone[valid]).abs().max().item())
         base = output(model(**inputs, adapters=None), family)
         assert (mixed[0] - base[0]).abs().max() > 1e-4, "adapter 'a' changes nothing"
     return worst

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from helpers import batch, make_config, tiny
+from helpers import BERT, DISTILBERT, batch, hf_model, make_config, tiny
 
 from adapters_mtl import AdapterModel
 from adapters_mtl.apps.cli import main
@@ -19,47 +19,20 @@ from adapters_mtl.data.bases import load_base
 from adapters_mtl.files.folder import load_adapter, save_adapter
 from adapters_mtl.registry import AdapterRegistry
 
-SMALL = dict(
-    vocab_size=120,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=48,
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-    attn_implementation="sdpa",
-)
+
+def _bert_cls() -> torch.nn.Module:
+    cfg = dict(BERT, max_position_embeddings=64, num_labels=3)
+    return hf_model("BertForSequenceClassification", "BertConfig", cfg)
 
 
-def _bert_cls():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    return BertForSequenceClassification(BertConfig(**SMALL, max_position_embeddings=64, num_labels=3))
-
-
-def _roberta_cls():
-    from transformers import RobertaConfig, RobertaForSequenceClassification
-
-    cfg = RobertaConfig(**SMALL, max_position_embeddings=66, type_vocab_size=1, pad_token_id=1, num_labels=3)
-    return RobertaForSequenceClassification(cfg)
+def _roberta_cls() -> torch.nn.Module:
+    cfg = dict(BERT, max_position_embeddings=66, type_vocab_size=1, pad_token_id=1, num_labels=3)
+    return hf_model("RobertaForSequenceClassification", "RobertaConfig", cfg)
 
 
-def _distilbert_cls():
-    from transformers import DistilBertConfig, DistilBertForSequenceClassification
-
-    cfg = DistilBertConfig(
-        vocab_size=120,
-        dim=32,
-        n_layers=2,
-        n_heads=4,
-        hidden_dim=48,
-        max_position_embeddings=64,
-        dropout=0.0,
-        attention_dropout=0.0,
-        attn_implementation="sdpa",
-        num_labels=3,
-    )
-    return DistilBertForSequenceClassification(cfg)
+def _distilbert_cls() -> torch.nn.Module:
+    cfg = dict(DISTILBERT, max_position_embeddings=64, num_labels=3)
+    return hf_model("DistilBertForSequenceClassification", "DistilBertConfig", cfg)
 
 
 # family: (task model builder, PEFT config builder). No task_type for the encoders: PEFT then adds no

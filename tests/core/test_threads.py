@@ -7,15 +7,13 @@ Also the clear errors for malformed routing entries and over-long inputs.
 
 from __future__ import annotations
 
-import copy
 import threading
 
 import pytest
 import torch
-from helpers import LORA_TARGETS, batch, tiny
+from helpers import LORA_TARGETS, batch, classifier_registry, composer, minilm_tokenizer, tiny
 
-from adapters_mtl import AdapterModel, HeadConfig, LoraConfig, PrefixConfig
-from adapters_mtl.registry import AdapterRegistry
+from adapters_mtl import AdapterModel, LoraConfig, PrefixConfig
 from adapters_mtl.serving.composer import Composer, ComposerError
 
 THREADS, CALLS = 8, 50
@@ -158,30 +156,12 @@ def test_a_compiled_model_follows_each_threads_routing():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny BERT with the real MiniLM tokenizer, and a registry holding 4 classifiers + a prefix one."""
-    from transformers import AutoTokenizer
-
-    from adapters_mtl.data.bases import minilm_path
-
-    tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
-    base = tiny("bert", vocab_size=tok.vocab_size, max_position_embeddings=64).eval()
-    registry = AdapterRegistry(tmp_path_factory.mktemp("reg"))
-    trainer = AdapterModel(copy.deepcopy(base))
-    torch.manual_seed(0)
-    for i in range(4):
-        cfg = LoraConfig(r=2 + i % 2, targets=LORA_TARGETS["bert"], init="random")
-        trainer.add_adapter(f"task{i}", cfg, head=HeadConfig(num_labels=3, label_names=("x", "y", "z")))
-        registry.publish(trainer, adapter=f"task{i}", task=f"task{i}")
-    trainer.add_adapter("pre", PrefixConfig(num_virtual_tokens=3), head=HeadConfig(num_labels=3))
-    registry.publish(trainer, adapter="pre", task="pre")
+    labels = [("x", "y", "z")] * 4
+    base, tok, registry, _ = classifier_registry(tmp_path_factory.mktemp("reg"), labels, prefix_labels=3)
     return base, tok, registry
 
 
 REFS = ["task0", "task1", "task2", "task3", "pre"]
-
-
-def _composer(world, **kw) -> Composer:
-    base, tok, registry = world
-    return Composer(copy.deepcopy(base), registry=registry, tokenizer=tok, **kw)
 
 
 def _same(got, want) -> bool:
@@ -208,7 +188,7 @@ def _row_sets():
 
 
 def test_routed_predicts_in_threads_equal_the_same_calls_alone(world):
-    c = _composer(world)
+    c = composer(world)
     c.use("task0")
     want = [c.predict(TEXTS, adapters=r) for r in _row_sets()]
     jobs = [
@@ -221,7 +201,7 @@ def test_routed_predicts_in_threads_equal_the_same_calls_alone(world):
 
 
 def test_using_blocks_in_threads_equal_the_same_calls_alone(world):
-    c = _composer(world)
+    c = composer(world)
     refs = [*REFS, "task1", "pre", "task3"]
     want = {r: c.predict(TEXTS, adapters=r) for r in REFS}
     c.use("task2")
@@ -239,10 +219,10 @@ def test_using_blocks_in_threads_equal_the_same_calls_alone(world):
 
 
 def test_concurrent_predicts_that_evict_never_fail_nor_mix_up(world):
-    want = {r: _composer(world).predict(TEXTS, adapters=r) for r in REFS}
+    want = {r: composer(world).predict(TEXTS, adapters=r) for r in REFS}
     mixed = ["task3", "pre", "pre", "task3"]  # as many adapters as the budget holds, in one call
-    want_mixed = _composer(world).predict(TEXTS, adapters=mixed)
-    c = _composer(world, max_adapters=2)
+    want_mixed = composer(world).predict(TEXTS, adapters=mixed)
+    c = composer(world, max_adapters=2)
     jobs = [lambda r=r: _same(c.predict(TEXTS, adapters=r), want[r]) for r in [*REFS, "task1", "pre"]]
     jobs.append(lambda: _same(c.predict(TEXTS, adapters=mixed), want_mixed))
     wrong, errors = _hammer(jobs, calls=20)
@@ -252,7 +232,7 @@ def test_concurrent_predicts_that_evict_never_fail_nor_mix_up(world):
 
 
 def test_adapters_in_use_are_never_unloaded_and_base_merges_wait_for_idle(world):
-    c = _composer(world, max_adapters=1)
+    c = composer(world, max_adapters=1)
     with c.using("task1"):
         assert c.predict(TEXTS[:1], adapters="task2")[0].adapter == "task2@1"  # over budget for a moment
         assert [e["ref"] for e in c.loaded] == ["task1@1"]  # met again when that call ended
@@ -282,7 +262,7 @@ def test_malformed_routing_entries_say_what_was_received_and_expected():
 
 
 def test_composer_routing_entries_that_are_not_references_are_named(world):
-    c = _composer(world)
+    c = composer(world)
     with pytest.raises(ComposerError, match=r"row 0: got int 3.*registry reference.*None.*tuple") as e:
         c.predict(TEXTS[:2], adapters=[3, ["task1"]])
     assert "row 1: got list ['task1']" in str(e.value)  # every problem at once
@@ -290,7 +270,7 @@ def test_composer_routing_entries_that_are_not_references_are_named(world):
 
 
 def test_predict_truncates_long_text_to_the_base_positions(world):
-    c = _composer(world)  # max_position_embeddings=64, tokenizer max length 512
+    c = composer(world)  # max_position_embeddings=64, tokenizer max length 512
     long = " ".join(["word"] * 300)
     longer = " ".join(["word"] * 600)
     for ref in ("task1", "pre"):  # a prefix shifts positions by 3
@@ -299,11 +279,7 @@ def test_predict_truncates_long_text_to_the_base_positions(world):
 
 
 def test_generate_refuses_prompts_past_the_base_positions():
-    from transformers import AutoTokenizer
-
-    from adapters_mtl.data.bases import minilm_path
-
-    tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    tok = minilm_tokenizer()
     model = AdapterModel(tiny("llama", vocab_size=tok.vocab_size, max_position_embeddings=32))
     model.add_adapter("a", LoraConfig(r=2, targets=LORA_TARGETS["llama"], init="random"))
     c = Composer(model, registry=None, tokenizer=tok)

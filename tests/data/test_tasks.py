@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import tiny  # noqa: F401  (keeps the tests/ import path consistent)
+from helpers import minilm_tokenizer
 
 from adapters_mtl.data.tasks import TaskSpec, accuracy, classification_report, load_task, macro_f1
 
@@ -70,11 +70,9 @@ def test_local_csv_and_clear_errors(tmp_path):
 
 
 def test_encode_for_a_tokenizer():
-    from transformers import AutoTokenizer, DataCollatorWithPadding
+    from transformers import DataCollatorWithPadding
 
-    from adapters_mtl.data.bases import minilm_path
-
-    tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    tok = minilm_tokenizer()
     data = load_task(TaskSpec(name="news", source="bbc_news", limit=40, max_length=16))
     enc = data.encode(tok, "train")
     batch = DataCollatorWithPadding(tok)([enc[i] for i in range(4)])

@@ -7,29 +7,20 @@ import copy
 import peft
 import pytest
 import torch
-import transformers
-from helpers import batch
+from helpers import BERT, DISTILBERT, batch, hf_model, tiny
 
 from adapters_mtl import AdapterModel, HeadConfig, LoraConfig
 from adapters_mtl.files.folder import export_peft_classifier
 
-SMALL = dict(
-    vocab_size=120,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=48,
-    max_position_embeddings=128,
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-)
+# attn_implementation left to transformers (None), as in a config written without it
+SMALL = dict(BERT, attn_implementation=None)
 CASES = {
-    "bert-seq": ("BertConfig", "BertForSequenceClassification", {}, "seq_cls", {}, ("query", "value")),
-    "bert-tok": ("BertConfig", "BertForTokenClassification", {}, "token_cls", {}, ("query", "value")),
+    "bert-seq": ("BertConfig", "BertForSequenceClassification", SMALL, "seq_cls", {}, ("query", "value")),
+    "bert-tok": ("BertConfig", "BertForTokenClassification", SMALL, "token_cls", {}, ("query", "value")),
     "roberta": (
         "RobertaConfig",
         "RobertaForSequenceClassification",
-        {"pad_token_id": 1},
+        dict(SMALL, pad_token_id=1),
         "seq_cls",
         {"style": "roberta"},
         ("query", "value"),
@@ -37,15 +28,7 @@ CASES = {
     "distilbert": (
         "DistilBertConfig",
         "DistilBertForSequenceClassification",
-        {
-            "dim": 32,
-            "n_layers": 2,
-            "n_heads": 4,
-            "hidden_dim": 48,
-            "dropout": 0.0,
-            "attention_dropout": 0.0,
-            "seq_classif_dropout": 0.0,
-        },
+        dict(DISTILBERT, max_position_embeddings=512, attn_implementation=None, seq_classif_dropout=0.0),
         "seq_cls",
         {"style": "distilbert"},
         ("q_lin", "v_lin"),
@@ -53,7 +36,7 @@ CASES = {
     "llama": (
         "LlamaConfig",
         "LlamaForSequenceClassification",
-        {"num_key_value_heads": 2, "pad_token_id": 0},
+        dict(SMALL, num_key_value_heads=2, pad_token_id=0),
         "seq_cls",
         {"pooling": "last", "bias": False},
         ("q_proj", "v_proj"),
@@ -63,12 +46,9 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_exported_classifier_gives_our_logits_in_peft(tmp_path, case):
-    config_cls, model_cls, extra, kind, head_kw, targets = CASES[case]
-    kw = dict(SMALL, **extra) if config_cls != "DistilBertConfig" else dict(vocab_size=120, **extra)
+    config_cls, model_cls, config, kind, head_kw, targets = CASES[case]
     torch.manual_seed(0)
-    task_model = getattr(transformers, model_cls)(
-        getattr(transformers, config_cls)(num_labels=3, **kw)
-    ).eval()
+    task_model = hf_model(model_cls, config_cls, config, num_labels=3).eval()
     backbone = copy.deepcopy(task_model.base_model)
     model = AdapterModel(backbone).eval()
     model.add_adapter(
@@ -97,8 +77,6 @@ def test_exported_classifier_gives_our_logits_in_peft(tmp_path, case):
 
 
 def test_heads_no_task_class_has_are_refused():
-    from helpers import tiny
-
     model = AdapterModel(tiny("bert"))
     model.add_adapter("m", LoraConfig(r=2, targets=("query",)), head=HeadConfig(num_labels=2, pooling="mean"))
     with pytest.raises(ValueError, match="not a head any Hugging Face"):

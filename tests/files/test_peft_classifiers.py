@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import copy
 import json
+from typing import Any
 
 import pytest
 import torch
+from helpers import BERT, DISTILBERT, LLAMA, hf_model
 
 from adapters_mtl import AdapterModel, HeadConfig, LoraConfig
 from adapters_mtl.files.folder import AdapterFileError, load_adapter, read_adapter, save_adapter
@@ -21,61 +23,34 @@ peft = pytest.importorskip("peft")
 T = pytest.importorskip("transformers")
 
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
-_BERT = dict(
-    vocab_size=120,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=48,
-    max_position_embeddings=64,
-    attn_implementation="sdpa",
-)
+# these models keep transformers' default dropout (0.1); the shared tiny configs turn it off
+_DROPOUT = dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+_BERT = dict(BERT, max_position_embeddings=64, **_DROPOUT)
 
 
-def _bert(cls, **kw):
-    return cls(T.BertConfig(**_BERT, **kw))
+def _bert(cls: str, **kw: Any) -> torch.nn.Module:
+    return hf_model(cls, "BertConfig", _BERT, **kw)
 
 
-def _roberta():
-    cfg = T.RobertaConfig(**_BERT, pad_token_id=1, num_labels=3, id2label=LABELS)
-    return T.RobertaForSequenceClassification(cfg)
+def _roberta() -> torch.nn.Module:
+    cfg = dict(_BERT, pad_token_id=1, num_labels=3, id2label=LABELS)
+    return hf_model("RobertaForSequenceClassification", "RobertaConfig", cfg)
 
 
-def _distilbert():
-    cfg = T.DistilBertConfig(
-        vocab_size=120,
-        dim=32,
-        n_layers=2,
-        n_heads=4,
-        hidden_dim=48,
-        max_position_embeddings=64,
-        num_labels=3,
-        id2label=LABELS,
-        attn_implementation="sdpa",
-    )
-    return T.DistilBertForSequenceClassification(cfg)
+def _distilbert() -> torch.nn.Module:
+    cfg = dict(DISTILBERT, max_position_embeddings=64, dropout=0.1, attention_dropout=0.1, num_labels=3)
+    return hf_model("DistilBertForSequenceClassification", "DistilBertConfig", cfg, id2label=LABELS)
 
 
-def _llama():
-    cfg = T.LlamaConfig(
-        vocab_size=120,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        attn_implementation="sdpa",
-        pad_token_id=0,
-        num_labels=3,
-    )
-    return T.LlamaForSequenceClassification(cfg)
+def _llama() -> torch.nn.Module:
+    cfg = dict(LLAMA, max_position_embeddings=64, num_labels=3)
+    return hf_model("LlamaForSequenceClassification", "LlamaConfig", cfg)
 
 
 # family: (task model builder, PEFT task_type, LoRA targets, head style, expected label names)
 CASES = {
     "bert-seq": (
-        lambda: _bert(T.BertForSequenceClassification, num_labels=3, id2label=LABELS),
+        lambda: _bert("BertForSequenceClassification", num_labels=3, id2label=LABELS),
         "SEQ_CLS",
         ["query", "value"],
         "linear",
@@ -85,7 +60,7 @@ CASES = {
     "distilbert-seq": (_distilbert, "SEQ_CLS", ["q_lin", "v_lin"], "distilbert", tuple(LABELS.values())),
     "llama-seq": (_llama, "SEQ_CLS", ["q_proj", "v_proj"], "linear", None),
     "bert-token": (
-        lambda: _bert(T.BertForTokenClassification, num_labels=5),
+        lambda: _bert("BertForTokenClassification", num_labels=5),
         "TOKEN_CLS",
         ["query", "value"],
         "linear",
@@ -207,7 +182,7 @@ def test_other_modules_to_save_are_refused_by_name(tmp_path):
 
 def test_classifier_of_another_family_is_refused(tmp_path):
     folder, _, _ = _peft_folder("roberta-seq", tmp_path)
-    bert = AdapterModel(_bert(T.BertModel))
+    bert = AdapterModel(_bert("BertModel"))
     with pytest.raises(AdapterFileError, match="RoBERTa's classification head.*'bert'"):
         load_adapter(bert, folder, name="x")
     assert bert.adapter_names == []

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from helpers import LORA_TARGETS, batch, tiny
+from helpers import LORA_TARGETS, batch, minilm_tokenizer, tiny
 
 from adapters_mtl import AdapterModel, LoraConfig
 from adapters_mtl.registry import AdapterRegistry
@@ -85,12 +85,8 @@ def test_without_a_registry_only_attached_adapters_resolve(world):
 
 
 def test_composer_seams_resolve_tokenize_device_and_cache(world):
-    from transformers import AutoTokenizer
-
-    from adapters_mtl.data.bases import minilm_path
-
     base, registry = world
-    tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    tok = minilm_tokenizer()
     c = Composer(_attached(base), registry=registry, tokenizer=tok, max_adapters=2)
     assert c.cache.registry is c.registry is registry and c.max_adapters == c.cache.max_adapters == 2
     assert c.resolve(["r1", "a", "r2@1", "r1"]) == ["r1", "a", "r2", "r1"]

@@ -7,10 +7,9 @@ import copy
 
 import pytest
 import torch
-from helpers import LORA_TARGETS, tiny
+from helpers import LORA_TARGETS, classifier_registry, composer, minilm_tokenizer, tiny
 
-from adapters_mtl import AdapterModel, HeadConfig, LoraConfig, PrefixConfig
-from adapters_mtl.registry import AdapterRegistry
+from adapters_mtl import AdapterModel, LoraConfig, PrefixConfig
 from adapters_mtl.serving.composer import Composer, ComposerError
 
 TEXTS = ["the match ended in a draw", "parliament votes today", "what a lovely day", "stocks fell sharply"]
@@ -19,22 +18,10 @@ TEXTS = ["the match ended in a draw", "parliament votes today", "what a lovely d
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny BERT with the real MiniLM tokenizer, and a registry holding 4 classifiers + a prefix one."""
-    from transformers import AutoTokenizer
-
-    from adapters_mtl.data.bases import minilm_path
-
-    tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
-    base = tiny("bert", vocab_size=tok.vocab_size, max_position_embeddings=64).eval()
-    registry = AdapterRegistry(tmp_path_factory.mktemp("reg"))
-    trainer = AdapterModel(copy.deepcopy(base))
-    torch.manual_seed(0)
-    for i, labels in enumerate([("sport", "politics"), ("pos", "neg", "neutral"), ("a", "b"), ("x", "y")]):
-        name = f"task{i}"
-        cfg = LoraConfig(r=2 + i % 2, targets=LORA_TARGETS["bert"], init="random")
-        trainer.add_adapter(name, cfg, head=HeadConfig(num_labels=len(labels), label_names=labels))
-        registry.publish(trainer, adapter=name, task=name)
-    trainer.add_adapter("pre", PrefixConfig(num_virtual_tokens=3), head=HeadConfig(num_labels=2))
-    registry.publish(trainer, adapter="pre", task="pre")
+    labels = [("sport", "politics"), ("pos", "neg", "neutral"), ("a", "b"), ("x", "y")]
+    base, tok, registry, trainer = classifier_registry(
+        tmp_path_factory.mktemp("reg"), labels, prefix_labels=2
+    )
     with torch.no_grad():  # a second version of task0
         for p in trainer.adapter_parameters("task0").values():
             p.mul_(-1)
@@ -50,13 +37,8 @@ def _saved_base(world, tmp_path):
     return tmp_path / "base"
 
 
-def _composer(world, **kw):
-    base, tok, registry = world
-    return Composer(copy.deepcopy(base), registry=registry, tokenizer=tok, **kw)
-
-
 def test_routed_predict_equals_each_adapter_alone_with_its_labels(world):
-    c = _composer(world)
+    c = composer(world)
     refs = ["task0@1", "task1", "pre", "task0"]  # task0 = latest = version 2
     mixed = c.predict(TEXTS, adapters=refs)
     assert [p.adapter for p in mixed] == ["task0@1", "task1@1", "pre@1", "task0@2"]
@@ -75,7 +57,7 @@ def test_routed_predict_equals_each_adapter_alone_with_its_labels(world):
 
 
 def test_lru_budget_evicts_least_recent_never_pinned_and_reloads_transparently(world):
-    c = _composer(world, max_adapters=2)
+    c = composer(world, max_adapters=2)
     first = c.predict(TEXTS[:1], adapters="task1")[0]
     c.pin("task2")
     c.load("task3")  # budget 2: task1 (least recent, unpinned) goes
@@ -84,14 +66,14 @@ def test_lru_budget_evicts_least_recent_never_pinned_and_reloads_transparently(w
     assert [e["ref"] for e in c.loaded] == ["task2@1", "task1@1"] and c.loaded[0]["pinned"]
     with pytest.raises(ComposerError, match="budget .* cannot hold"):
         c.predict(TEXTS[:3], adapters=["task0", "task3", "task1"])  # 3 in one batch + pinned task2
-    c2 = _composer(world, max_bytes=1)
+    c2 = composer(world, max_bytes=1)
     with pytest.raises(ComposerError, match="cannot hold"):
         c2.load("task1")
     assert c2.loaded == [] and c2.model.adapter_names == []  # nothing half-loaded
 
 
 def test_switching_does_not_touch_the_registry_once_loaded(world, monkeypatch):
-    c = _composer(world)
+    c = composer(world)
     c.load("task1")
     c.load("task2")
 
@@ -109,7 +91,7 @@ def test_switching_does_not_touch_the_registry_once_loaded(world, monkeypatch):
 
 
 def test_bad_requests_are_clear(world):
-    c = _composer(world)
+    c = composer(world)
     from adapters_mtl.registry import RegistryError
 
     with pytest.raises(RegistryError, match="no adapter named 'nope'"):
@@ -127,7 +109,7 @@ def test_bad_requests_are_clear(world):
 
 
 def test_merge_into_a_new_adapter_and_into_the_base_and_back(world):
-    c = _composer(world)
+    c = composer(world)
     x = c.tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         bare = c.model(**x, adapters=None).last_hidden_state
@@ -142,11 +124,7 @@ def test_merge_into_a_new_adapter_and_into_the_base_and_back(world):
 
 
 def test_routed_generate_equals_each_adapter_alone():
-    from transformers import AutoTokenizer
-
-    from adapters_mtl.data.bases import minilm_path
-
-    tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    tok = minilm_tokenizer()
     base = tiny("llama", vocab_size=tok.vocab_size).eval()
     model = AdapterModel(base)
     torch.manual_seed(0)
@@ -217,7 +195,7 @@ def test_few_shot_composition_is_a_cat_merge_with_a_nearest_centroid_head(world)
     from adapters_mtl.serving.lorahub import compose
     from adapters_mtl.serving.merging import merge_adapters
 
-    c = _composer(world)
+    c = composer(world)
     texts = ["good game", "great win", "bad loss", "awful defeat", "nice goal", "poor show"]
     labels = ["pos", "pos", "neg", "neg", "pos", "neg"]
     result = compose(
@@ -232,7 +210,7 @@ def test_few_shot_composition_is_a_cat_merge_with_a_nearest_centroid_head(world)
     )
     assert result.evaluations == 12 and set(result.weights) == {"task1@1", "task2@1", "task3@1"}
     assert set(result.accuracy) == {"composed", "base", "task1@1", "task2@1", "task3@1"}
-    again = compose(_composer(world), ["task1", "task2", "task3"], texts, labels, budget=12, seed=3)
+    again = compose(composer(world), ["task1", "task2", "task3"], texts, labels, budget=12, seed=3)
     assert again.weights == result.weights  # seeded search
     merge_adapters(
         c.model, ["task1", "task2", "task3"], list(result.weights.values()), "cat", into="ref", head=None
@@ -260,7 +238,7 @@ def test_zero_shot_composition_weights_the_most_similar_description(world):
     ):
         model.add_adapter(name, LoraConfig(r=2, targets=LORA_TARGETS["bert"], init="random"))
         registry.publish(model, adapter=name, task=name, description=desc)
-    c = _composer(world)
+    c = composer(world)
     result = compose_zero_shot(
         c, ["sportsy", "moody"], "how people feel in tweets", ["happy", "sad"], top_k=1
     )
@@ -302,7 +280,7 @@ def test_cli_compose_few_shot_publishes_a_loadable_classifier(world, tmp_path, c
         and out["ref"] == "fewshot@1"
         and set(out["accuracy"]) == {"composed", "base", "task2@1", "task3@1"}
     )
-    c = _composer(world)
+    c = composer(world)
     assert c.predict(["good game"], adapters="fewshot")[0].label in ("neg", "pos")
     assert main(["compose", "-a", "task2", "--name", "x", *common]) == 2
     assert "needs --examples" in capsys.readouterr().err

@@ -1,34 +1,27 @@
 """Worker of test_ddp.py: trains two tasks on a tiny BERT; the main process writes the adapters.
 
-Run: python -m torch.distributed.run --nproc_per_node N tests/ddp_worker.py OUT.safetensors BATCH TMPDIR
+Run: python -m torch.distributed.run --nproc_per_node N tests/training/ddp_worker.py OUT BATCH TMPDIR
+(OUT: the .safetensors file written)
 """
 
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: helpers.py
-from helpers import tiny  # noqa: E402
+from helpers import minilm_tokenizer, task_model, tiny  # noqa: E402
 
-from adapters_mtl import AdapterModel, LoraConfig  # noqa: E402
 from adapters_mtl.data.tasks import TaskSpec, load_task  # noqa: E402
 from adapters_mtl.training import MultiTaskTrainer, TrainConfig  # noqa: E402
 
 
 def main() -> None:
-    from transformers import AutoTokenizer
-
-    from adapters_mtl.data.bases import minilm_path
-
     out, batch_size, tmp = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
-    tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    tok = minilm_tokenizer()
     tasks = {t: load_task(TaskSpec(name=t, source=str(tmp / f"{t}.csv"))) for t in ("topic", "mood")}
-    model = AdapterModel(tiny("bert", vocab_size=tok.vocab_size, max_position_embeddings=64))
-    torch.manual_seed(0)
-    for name, data in tasks.items():
-        model.add_adapter(name, LoraConfig(r=4, alpha=8, targets=("query", "value")), head=data.head_config())
+    model = task_model(tiny("bert", vocab_size=tok.vocab_size, max_position_embeddings=64), tasks)
+    for name in tasks:
         model.heads[name].dropout.p = 0.0  # compare gradient averaging, not dropout streams
     cfg = TrainConfig(steps=6, batch_size=batch_size, lr=1e-2, eval_every=100, max_grad_norm=None,
                       checkpoint_every=3, output_dir=str(tmp / f"run{batch_size}"), seed=0)  # fmt: skip

@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 import torch
+from helpers import shared_model, task_model, train_config, two_tasks
 from safetensors.torch import load_file, save_file
-from test_trainer import _cfg, _model, _shared_model, two_tasks
 from torch import nn
 
 from adapters_mtl.training import LossWeighting, MultiTaskTrainer, make_weighting
@@ -105,14 +105,14 @@ def setup(tmp_path_factory):
 @pytest.mark.parametrize("weighting,sharing", [("dwa", "none"), ("gradnorm", "shared"), ("pcgrad", "shared")])
 def test_resumed_run_continues_exactly_and_keeps_the_checkpoint_layout(tmp_path, setup, weighting, sharing):
     tok, tasks, base = setup
-    make = _model if sharing == "none" else _shared_model
+    make = task_model if sharing == "none" else shared_model
     kw = dict(steps=6, batch_size=8, batching="mixed", weighting=weighting, sharing=sharing, eval_every=2)
     full_model = make(base, tasks)
-    full = MultiTaskTrainer(full_model, tok, tasks, _cfg(tmp_path / "a", **kw))
+    full = MultiTaskTrainer(full_model, tok, tasks, train_config(tmp_path / "a", **kw))
     full.train()
-    MultiTaskTrainer(make(base, tasks), tok, tasks, _cfg(tmp_path / "b", checkpoint_every=3, **kw)).train(
-        stop_after=4
-    )
+    MultiTaskTrainer(
+        make(base, tasks), tok, tasks, train_config(tmp_path / "b", checkpoint_every=3, **kw)
+    ).train(stop_after=4)
     checkpoint = tmp_path / "b" / "run" / "checkpoint"
 
     # the layout earlier versions wrote and read
@@ -129,7 +129,7 @@ def test_resumed_run_continues_exactly_and_keeps_the_checkpoint_layout(tmp_path,
     )
 
     resumed_model = make(base, tasks)
-    resumed = MultiTaskTrainer(resumed_model, tok, tasks, _cfg(tmp_path / "b", **kw))
+    resumed = MultiTaskTrainer(resumed_model, tok, tasks, train_config(tmp_path / "b", **kw))
     result = resumed.train(resume_from=checkpoint)
     assert result["step"] == 6 and len(resumed.history) == len(full.history)
     for got, want in zip(resumed.history, full.history, strict=True):  # losses, weights, validation
@@ -148,5 +148,5 @@ def test_resumed_run_continues_exactly_and_keeps_the_checkpoint_layout(tmp_path,
         save_file(
             {k: v for k, v in tensors.items() if "::optimizer." not in k}, str(old / "state.safetensors")
         )
-        again = MultiTaskTrainer(make(base, tasks), tok, tasks, _cfg(tmp_path / "c", **kw))
+        again = MultiTaskTrainer(make(base, tasks), tok, tasks, train_config(tmp_path / "c", **kw))
         assert again.train(resume_from=old)["step"] == 6

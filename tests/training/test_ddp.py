@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import torch
+from helpers import MOOD, TOPIC, task_csv
 from safetensors.torch import load_file
-from test_trainer import _csv
 
 WORKER = str(Path(__file__).parent / "ddp_worker.py")
 
@@ -23,8 +23,8 @@ def _run(args, tmp_path):
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):
-    _csv(tmp_path / "topic.csv", 160, ["football", "election"], ["sport", "politics"], 1)
-    _csv(tmp_path / "mood.csv", 120, ["happy", "sad", "angry"], ["pos", "neg", "mad"], 2)
+    task_csv(tmp_path / "topic.csv", 160, *TOPIC, 1, filler=5)
+    task_csv(tmp_path / "mood.csv", 120, *MOOD, 2, filler=5)
     one = _run([sys.executable, WORKER, str(tmp_path / "one.safetensors"), "8", str(tmp_path)], tmp_path)
     two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 WORKER, str(tmp_path / "two.safetensors"), "4", str(tmp_path)], tmp_path)  # fmt: skip

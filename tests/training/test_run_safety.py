@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -17,43 +16,26 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import tiny
+from helpers import MOOD, TOPIC, minilm_tokenizer, task_csv, tiny
 from safetensors.torch import load_file
 
 from adapters_mtl.apps.cli import main
 from adapters_mtl.apps.recipe import RecipeError, RunError, load_recipe, run_recipe
 
-WORDS = "alpha beta gamma delta river stone cloud green quick slow bright dark".split()
 ROOT = Path(__file__).parents[2]
-
-
-def _csv(path: Path, n: int, cues: list[str], labels: list[str], seed: int) -> str:
-    rnd = random.Random(seed)
-    lines = ["text,label"]
-    for _ in range(n):
-        y = rnd.randrange(len(labels))
-        words = [rnd.choice(WORDS) for _ in range(4)] + [cues[y]]
-        rnd.shuffle(words)
-        lines.append(f"{' '.join(words)},{labels[y]}")
-    path.write_text("\n".join(lines))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A tiny BERT folder (real MiniLM tokenizer) and two small CSV tasks."""
-    from transformers import AutoTokenizer
-
-    from adapters_mtl.data.bases import minilm_path
-
     root = tmp_path_factory.mktemp("safety")
-    tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    tok = minilm_tokenizer()
     tiny("bert", vocab_size=tok.vocab_size, max_position_embeddings=64).save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
     return {
         "base": root / "base",
-        "topic": _csv(root / "a.csv", 60, ["football", "election"], ["sport", "politics"], 1),
-        "mood": _csv(root / "b.csv", 60, ["happy", "sad", "angry"], ["pos", "neg", "mad"], 2),
+        "topic": task_csv(root / "a.csv", 60, *TOPIC, 1, filler=4),
+        "mood": task_csv(root / "b.csv", 60, *MOOD, 2, filler=4),
     }
 
 

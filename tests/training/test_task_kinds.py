@@ -4,33 +4,27 @@ same trainer: losses go down, the metrics of each kind are computed the way thei
 from __future__ import annotations
 
 import copy
+import functools
 import random
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import LORA_TARGETS, tiny
+from helpers import LORA_TARGETS, TOPIC, WORDS, minilm_tokenizer, task_csv, tiny, train_config
 
 from adapters_mtl import AdapterModel, LoraConfig
 from adapters_mtl.data.tasks import TaskSpec, load_task
-from adapters_mtl.training import MultiTaskTrainer, TrainConfig
-
-WORDS = "alpha beta gamma delta river stone cloud green quick slow bright dark".split()
+from adapters_mtl.training import MultiTaskTrainer
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from transformers import AutoTokenizer
-
-    from adapters_mtl.data.bases import minilm_path
-
-    t = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    t = minilm_tokenizer()
     t.eos_token = "[SEP]"  # a BERT vocabulary used as a causal LM's: [SEP] ends a target
     return t
 
 
-def _cfg(tmp_path, **kw):
-    base = dict(steps=40, batch_size=16, lr=3e-2, eval_every=40, seed=0, output_dir=str(tmp_path / "run"))
-    return TrainConfig(**{**base, **kw})
+_cfg = functools.partial(train_config, eval_every=40)  # one evaluation, at the end
 
 
 def _train(model, tok, tasks, cfg):
@@ -62,16 +56,8 @@ def test_token_classification_learns_per_word_tags(tmp_path, tok):
     assert after["accuracy"] > max(before["ner"]["accuracy"], 0.9), (before, after)
 
 
-def _topic_csv(path, n=200, seed=1):
-    rnd = random.Random(seed)
-    lines = ["text,label"]
-    for _ in range(n):
-        label = rnd.choice(["sport", "politics"])
-        words = [rnd.choice(WORDS) for _ in range(4)] + [{"sport": "football", "politics": "election"}[label]]
-        rnd.shuffle(words)
-        lines.append(f"{' '.join(words)},{label}")
-    path.write_text("\n".join(lines))
-    return str(path)
+def _topic_csv(path: Path) -> str:
+    return task_csv(path, 200, *TOPIC, 1, filler=4)
 
 
 def test_classification_as_generation_ranks_label_names(tmp_path, tok):

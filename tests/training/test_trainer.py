@@ -4,72 +4,18 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 
 import pytest
 import torch
-from helpers import tiny
+from helpers import batch, shared_model, task_model, train_config, two_tasks
 
-from adapters_mtl import AdapterModel, LoraConfig
-from adapters_mtl.data.tasks import TaskSpec, load_task
+from adapters_mtl import AdapterModel
 from adapters_mtl.training import MultiTaskTrainer, TrainConfig
-
-WORDS = "alpha beta gamma delta river stone cloud green quick slow bright dark".split()
-
-
-def _csv(path, n, cue, labels, seed):
-    rnd = random.Random(seed)
-    lines = ["text,label"]
-    for _ in range(n):
-        label = rnd.randrange(len(labels))
-        words = [rnd.choice(WORDS) for _ in range(5)] + [cue[label]]
-        rnd.shuffle(words)
-        lines.append(f"{' '.join(words)},{labels[label]}")
-    path.write_text("\n".join(lines))
-    return path
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     return two_tasks(tmp_path_factory.mktemp("tasks"))
-
-
-def two_tasks(tmp):
-    """(tokenizer, {"topic", "mood"} tasks from small synthetic CSVs in ``tmp``, a tiny BERT base)."""
-    from transformers import AutoTokenizer
-
-    from adapters_mtl.data.bases import minilm_path
-
-    tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
-    tasks = {
-        "topic": load_task(
-            TaskSpec(
-                name="topic",
-                source=str(_csv(tmp / "a.csv", 160, ["football", "election"], ["sport", "politics"], 1)),
-            )
-        ),
-        "mood": load_task(
-            TaskSpec(
-                name="mood",
-                source=str(_csv(tmp / "b.csv", 120, ["happy", "sad", "angry"], ["pos", "neg", "mad"], 2)),
-            )
-        ),
-    }
-    base = tiny("bert", vocab_size=tok.vocab_size, max_position_embeddings=64)
-    return tok, tasks, base
-
-
-def _model(base, tasks):
-    model = AdapterModel(copy.deepcopy(base))
-    torch.manual_seed(0)
-    for name, data in tasks.items():
-        model.add_adapter(name, LoraConfig(r=4, alpha=8, targets=("query", "value")), head=data.head_config())
-    return model
-
-
-def _cfg(tmp_path, **kw):
-    base = dict(steps=40, batch_size=16, lr=3e-2, eval_every=20, seed=0, output_dir=str(tmp_path / "run"))
-    return TrainConfig(**{**base, **kw})
 
 
 @pytest.mark.parametrize(
@@ -79,9 +25,11 @@ def test_seeded_two_task_run_lowers_both_losses_and_touches_only_adapters(
     tmp_path, setup, batching, weighting
 ):
     tok, tasks, base = setup
-    model = _model(base, tasks)
+    model = task_model(base, tasks)
     frozen = {k: v.clone() for k, v in model.base.state_dict().items() if ".lora_" not in k}
-    trainer = MultiTaskTrainer(model, tok, tasks, _cfg(tmp_path, batching=batching, weighting=weighting))
+    trainer = MultiTaskTrainer(
+        model, tok, tasks, train_config(tmp_path, batching=batching, weighting=weighting)
+    )
     before = {t: trainer.evaluate(t) for t in tasks}
     result = trainer.train()
     hist = result["history"]
@@ -98,8 +46,8 @@ def test_run_ends_cleanly_when_early_stopping_has_stopped_every_task(tmp_path, s
     # lr so small that no evaluation improves: with patience 1 both tasks stop at the second evaluation.
     # Before the fix the next step trained frozen adapters and raised "does not require grad".
     tok, tasks, base = setup
-    model = _model(base, tasks)
-    trainer = MultiTaskTrainer(model, tok, tasks, _cfg(tmp_path, lr=1e-12, eval_every=2, patience=1))
+    model = task_model(base, tasks)
+    trainer = MultiTaskTrainer(model, tok, tasks, train_config(tmp_path, lr=1e-12, eval_every=2, patience=1))
     result = trainer.train()
     assert result["step"] == 4 < 40
     assert all(b["stopped"] for b in result["best"].values())
@@ -108,16 +56,18 @@ def test_run_ends_cleanly_when_early_stopping_has_stopped_every_task(tmp_path, s
 
 def test_killed_and_resumed_run_ends_with_the_same_adapters(tmp_path, setup):
     tok, tasks, base = setup
-    full = _model(base, tasks)
-    MultiTaskTrainer(full, tok, tasks, _cfg(tmp_path / "a", steps=12, batching="mixed")).train()
+    full = task_model(base, tasks)
+    MultiTaskTrainer(full, tok, tasks, train_config(tmp_path / "a", steps=12, batching="mixed")).train()
 
-    part = _model(base, tasks)
+    part = task_model(base, tasks)
     first = MultiTaskTrainer(
-        part, tok, tasks, _cfg(tmp_path / "b", steps=12, batching="mixed", checkpoint_every=6)
+        part, tok, tasks, train_config(tmp_path / "b", steps=12, batching="mixed", checkpoint_every=6)
     )
     first.train(stop_after=7)  # "killed" after step 7; the last checkpoint is from step 6
-    resumed_model = _model(base, tasks)
-    resumed = MultiTaskTrainer(resumed_model, tok, tasks, _cfg(tmp_path / "b", steps=12, batching="mixed"))
+    resumed_model = task_model(base, tasks)
+    resumed = MultiTaskTrainer(
+        resumed_model, tok, tasks, train_config(tmp_path / "b", steps=12, batching="mixed")
+    )
     resumed.train(resume_from=tmp_path / "b" / "run" / "checkpoint")
     for t in tasks:
         want, got = full.adapter_parameters(t), resumed_model.adapter_parameters(t)
@@ -133,7 +83,7 @@ def test_bad_configs_are_refused(tmp_path, setup):
         TrainConfig(batching="both", steps=0)
     model = AdapterModel(copy.deepcopy(base))
     with pytest.raises(ValueError, match=r"tasks \[.topic., .mood.\] have no adapter in the model"):
-        MultiTaskTrainer(model, tok, tasks, _cfg(tmp_path))
+        MultiTaskTrainer(model, tok, tasks, train_config(tmp_path))
 
 
 def test_cli_train_runs_a_recipe_and_publishes(tmp_path, setup, capsys):
@@ -177,22 +127,15 @@ def test_cli_train_runs_a_recipe_and_publishes(tmp_path, setup, capsys):
         load_recipe(path, ["trian.steps=1"])
 
 
-def _shared_model(base, tasks):
-    model = AdapterModel(copy.deepcopy(base))
-    torch.manual_seed(0)
-    model.add_adapter("shared", LoraConfig(r=4, alpha=8, targets=("query", "value")))
-    for name, data in tasks.items():
-        model.add_adapter(name, LoraConfig(r=2, alpha=4, targets=("value",)), head=data.head_config())
-    return model
-
-
 @pytest.mark.parametrize("sharing,weighting", [("shared", "pcgrad"), ("adversarial", "gradnorm")])
 def test_shared_adapter_training_lowers_losses_and_folds_each_task_into_one_adapter(
     tmp_path, setup, sharing, weighting
 ):
     tok, tasks, base = setup
-    model = _shared_model(base, tasks)
-    cfg = _cfg(tmp_path, batching="mixed", sharing=sharing, weighting=weighting, eval_every=100, steps=30)
+    model = shared_model(base, tasks)
+    cfg = train_config(
+        tmp_path, batching="mixed", sharing=sharing, weighting=weighting, eval_every=100, steps=30
+    )
     trainer = MultiTaskTrainer(model, tok, tasks, cfg)
     shared_before = {k: p.detach().clone() for k, p in model.adapter_parameters("shared").items()}
     disc = trainer.step_module.discriminator
@@ -205,8 +148,6 @@ def test_shared_adapter_training_lowers_losses_and_folds_each_task_into_one_adap
     for t in tasks:
         losses = [h[f"loss/{t}"] for h in trainer.history if f"loss/{t}" in h]
         assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, f"{t} loss did not go down: {losses}"
-    from helpers import batch
-
     x = batch(3, 6)
     x["input_ids"] = x["input_ids"] % tok.vocab_size
     model.eval()
@@ -224,22 +165,24 @@ def test_sharing_and_weighting_errors(tmp_path, setup):
     with pytest.raises(ValueError, match="sharing must be 'none', 'shared' or 'adversarial'"):
         TrainConfig(sharing="yes")
     with pytest.raises(ValueError, match="needs a shared LoRA adapter named 'shared'"):
-        MultiTaskTrainer(_model(base, tasks), tok, tasks, _cfg(tmp_path, sharing="shared"))
+        MultiTaskTrainer(task_model(base, tasks), tok, tasks, train_config(tmp_path, sharing="shared"))
     with pytest.raises(ValueError, match="weighting 'pcgrad' works on shared parameters and there are none"):
-        MultiTaskTrainer(_model(base, tasks), tok, tasks, _cfg(tmp_path, weighting="pcgrad"))
+        MultiTaskTrainer(task_model(base, tasks), tok, tasks, train_config(tmp_path, weighting="pcgrad"))
 
 
 def test_adversarial_uncertainty_run_resumes_exactly_and_logs_to_tensorboard(tmp_path, setup):
     tok, tasks, base = setup
     kw = dict(steps=8, batching="mixed", sharing="adversarial", weighting="uncertainty", eval_every=4)
-    full = _shared_model(base, tasks)
-    a = MultiTaskTrainer(full, tok, tasks, _cfg(tmp_path / "a", log_with=["tensorboard"], **kw))
+    full = shared_model(base, tasks)
+    a = MultiTaskTrainer(full, tok, tasks, train_config(tmp_path / "a", log_with=["tensorboard"], **kw))
     a.train()
     assert list((tmp_path / "a" / "run").rglob("events.out.tfevents.*")), "no TensorBoard event file"
-    part = _shared_model(base, tasks)
-    MultiTaskTrainer(part, tok, tasks, _cfg(tmp_path / "b", checkpoint_every=3, **kw)).train(stop_after=5)
-    resumed = _shared_model(base, tasks)
-    b = MultiTaskTrainer(resumed, tok, tasks, _cfg(tmp_path / "b", **kw))
+    part = shared_model(base, tasks)
+    MultiTaskTrainer(part, tok, tasks, train_config(tmp_path / "b", checkpoint_every=3, **kw)).train(
+        stop_after=5
+    )
+    resumed = shared_model(base, tasks)
+    b = MultiTaskTrainer(resumed, tok, tasks, train_config(tmp_path / "b", **kw))
     b.train(resume_from=tmp_path / "b" / "run" / "checkpoint")
     torch.testing.assert_close(b.weighting.log_vars, a.weighting.log_vars, atol=1e-6, rtol=0)
     for t in tasks:
@@ -252,9 +195,9 @@ def test_bf16_mixed_precision_trains_on_cpu(tmp_path, setup):
     """Accelerate's bf16 autocast (CPU here; CUDA the same way) runs the routed step and lowers the loss;
     adapters stay fp32 (the optimiser's copy), the base untouched."""
     tok, tasks, base = setup
-    model = _model(base, tasks)
+    model = task_model(base, tasks)
     trainer = MultiTaskTrainer(
-        model, tok, tasks, _cfg(tmp_path, steps=30, batching="mixed", mixed_precision="bf16")
+        model, tok, tasks, train_config(tmp_path, steps=30, batching="mixed", mixed_precision="bf16")
     )
     trainer.train()
     assert all(p.dtype == torch.float32 for t in tasks for p in model.adapter_parameters(t).values())
@@ -267,9 +210,9 @@ def test_bf16_mixed_precision_trains_on_cpu(tmp_path, setup):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fp16_mixed_precision_on_cuda(tmp_path, setup):
     tok, tasks, base = setup
-    model = _model(base, tasks).cuda()
+    model = task_model(base, tasks).cuda()
     trainer = MultiTaskTrainer(
-        model, tok, tasks, _cfg(tmp_path, steps=30, batching="mixed", mixed_precision="fp16")
+        model, tok, tasks, train_config(tmp_path, steps=30, batching="mixed", mixed_precision="fp16")
     )
     trainer.train()
     for t in tasks:
