@@ -1,15 +1,15 @@
 """adapters_mtl: many small adapters on one frozen transformer, routed per row, for multi-task learning.
 
 Layout (dependencies point one way): ``apps`` → ``training``, ``serving`` → ``registry`` → ``files`` →
-``core.model`` → ``methods`` → ``core`` (config, routing, heads). ``data`` holds packaged models and
+``model`` → ``methods`` → ``core`` (config, routing, heads). ``data`` holds packaged models and
 corpora. See the README's "Layout" section.
 """
 
 from . import _moved
 from .core.config import HeadConfig
 from .core.heads import HeadOutput
-from .core.model import AdapterModel, AdapterOutput
 from .methods import LoraConfig, PrefixConfig, register_method
+from .model import AdapterModel, AdapterOutput
 
 __version__ = "0.1.0"
 

@@ -20,7 +20,6 @@ MOVED = {
     "adapters_mtl.config": "adapters_mtl.core.config",
     "adapters_mtl.routing": "adapters_mtl.core.routing",
     "adapters_mtl.heads": "adapters_mtl.core.heads",
-    "adapters_mtl.model": "adapters_mtl.core.model",
     "adapters_mtl.io": "adapters_mtl.files.folder",
     "adapters_mtl.peft_compat": "adapters_mtl.files.peft_format",
     "adapters_mtl.composer": "adapters_mtl.serving.composer",

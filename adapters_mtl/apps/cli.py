@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..core.model import AdapterModel
+    from ..model import AdapterModel
     from ..registry import AdapterRegistry
     from ..serving.composer import Composer
 
@@ -221,8 +221,8 @@ def _registry_parser(sub: argparse._SubParsersAction) -> None:
 
 def _load_base(spec: str) -> AdapterModel:
     """The ``--base`` model, wrapped, without its tokenizer (importing adapters tokenizes nothing)."""
-    from ..core.model import AdapterModel
     from ..data.bases import load_base
+    from ..model import AdapterModel
 
     return AdapterModel(load_base(spec, tokenizer=False)[0])
 

@@ -32,8 +32,8 @@ from .run_checks import check_before_model, output_dir, published_ok, start_outp
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from ..core.model import AdapterModel
     from ..data.tasks import TaskData
+    from ..model import AdapterModel
 
 DEFAULT_METHOD = next(iter(METHODS))  # an adapter section left out of a recipe: the first method (LoRA)
 
@@ -231,8 +231,8 @@ def run_recipe(recipe: dict, *, resume: bool = False, overwrite: bool = False) -
     """
     import time
 
-    from ..core.model import AdapterModel
     from ..data.bases import load_base
+    from ..model import AdapterModel
     from ..training.trainer import MultiTaskTrainer
 
     tasks = check_before_model(recipe, resume, overwrite)

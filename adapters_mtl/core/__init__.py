@@ -1,1 +1,1 @@
-"""The model and what every method shares: configs, per-call routing state, task heads, AdapterModel."""
+"""What the model and every method share: configs, per-call routing state, task heads, PEFT module paths."""

@@ -8,7 +8,7 @@ import re
 
 import torch
 
-from ..core.model import AdapterModel
+from ..model import AdapterModel
 
 __all__ = ["base_fingerprint", "base_id"]
 

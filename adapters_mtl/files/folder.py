@@ -32,8 +32,8 @@ from safetensors.torch import save_file
 
 from ..core.config import HeadConfig, adapter_dtype_for, validate_name
 from ..core.heads import head_shapes
-from ..core.model import AdapterModel
 from ..methods import METHODS, file_order, get_method, method_for_peft_config
+from ..model import AdapterModel
 from .card import (
     CARD,
     CONFIG,

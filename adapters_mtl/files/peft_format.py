@@ -11,8 +11,8 @@ from collections.abc import Mapping
 
 import torch
 
-from ..core.model import AdapterModel
 from ..core.module_paths import backbone_prefix, key_maps
+from ..model import AdapterModel
 
 __all__ = ["backbone_prefix", "load_peft_state_dict", "to_peft_state_dict"]
 

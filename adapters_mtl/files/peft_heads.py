@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import save_file
 
 from ..core.config import HeadConfig
-from ..core.model import AdapterModel
 from ..core.module_paths import backbone_prefix
 from ..methods import METHODS
+from ..model import AdapterModel
 from .card import HEAD_PREFIX, WEIGHTS
 from .fingerprint import base_id
 from .peft_format import to_peft_state_dict

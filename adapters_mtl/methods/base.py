@@ -2,7 +2,7 @@
 an adapter method. A method is a subclass of :class:`Method` registered with
 :func:`adapters_mtl.methods.register_method`; nothing outside its own module names it.
 
-A method instance belongs to one :class:`~adapters_mtl.core.model.AdapterModel` and holds every adapter
+A method instance belongs to one :class:`~adapters_mtl.model.AdapterModel` and holds every adapter
 of that method on it (LoRA keeps all adapters' factors stacked per layer, prefix one bank of prefixes).
 Per call, the model asks each method for its :meth:`Method.selection` of the rows' adapters and puts it
 in the call's routing under the method's name; the method's layers read it back with
@@ -176,5 +176,5 @@ class Method:
     def load_peft_state(self, name: str, state: Mapping[str, torch.Tensor], key_maps: KeyMap) -> list[str]:
         """Copy a saved PEFT state into ``name`` (attached with :meth:`loading_config`); returns every
         problem (missing, unexpected or mis-shaped keys) and copies nothing when there is one.
-        ``key_maps``: ways to read saved module paths on this model (see ``core.model.key_maps``)."""
+        ``key_maps``: ways to read saved module paths on this model (see ``core.module_paths.key_maps``)."""
         raise NotImplementedError

@@ -8,15 +8,29 @@ it lives beside LoRA rather than in either of them.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
+from ..core.config import HeadConfig
 from .lora_config import LoraConfig
 
-if TYPE_CHECKING:  # the model drives methods; this module only calls its public API
-    from ..core.config import HeadConfig
-    from ..core.model import AdapterModel
+
+class AdapterModel(Protocol):
+    """What this module uses of ``adapters_mtl.AdapterModel`` (a protocol: methods sit below the model,
+    so they do not import it)."""
+
+    heads: nn.ModuleDict
+
+    def add_adapter(
+        self, name: str, config: Any, head: HeadConfig | None = None, trainable: bool = True
+    ) -> None: ...
+    def remove_adapter(self, name: str) -> None: ...
+    def factors(
+        self, name: str, state: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]: ...
+
 
 __all__ = ["LoraFactors", "add_cat", "add_factors", "cat_factors"]
 

@@ -29,7 +29,7 @@ from .catalog import Catalog, NameIndex, Row
 from .store import REGISTRY_META, Store, StoreError
 
 if TYPE_CHECKING:
-    from ..core.model import AdapterModel
+    from ..model import AdapterModel
 
 __all__ = ["AdapterRecord", "AdapterRegistry", "RegistryError", "default_root"]
 
@@ -231,7 +231,7 @@ class AdapterRegistry:
             ValueError: invalid name/alias/tag. AdapterFileError: the folder fails validation.
             RegistryError: the store cannot be written.
         """
-        from ..core.model import AdapterModel
+        from ..model import AdapterModel
 
         for alias in aliases:
             self._check_alias(alias)

@@ -19,7 +19,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..core.model import AdapterModel, routing_entry_problem
+from ..model import AdapterModel, routing_entry_problem
 
 if TYPE_CHECKING:
     from ..registry import AdapterRegistry

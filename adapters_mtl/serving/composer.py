@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..core.config import text_config
-from ..core.model import AdapterModel
 from ..data.batching import pad
+from ..model import AdapterModel
 from .adapter_cache import AdapterCache, ComposerError, Entry, entry_members, row_entries
 from .merging import DEFAULT_MERGE_METHOD, merge_adapters
 

@@ -33,7 +33,7 @@ import torch
 from ..methods.lora_factors import LoraFactors, add_cat, add_factors, cat_factors
 
 if TYPE_CHECKING:
-    from ..core.model import AdapterModel
+    from ..model import AdapterModel
 
 __all__ = [
     "DEFAULT_MERGE_METHOD",

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 
 import torch
 
-from ..core.model import AdapterModel
 from ..methods.lora_factors import add_cat
+from ..model import AdapterModel
 
 __all__ = ["SHARED_PREFIX", "fold_stack", "restore", "snapshot"]
 

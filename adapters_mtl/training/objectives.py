@@ -56,7 +56,7 @@ def _lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
 
 def task_loss(data: TaskData, task: str, out: Any, rows: list[int], labels: list) -> torch.Tensor:
     """The loss of ``task`` on its ``rows`` of a routed forward's output ``out`` (the base model's output for
-    ``causal_lm``, else an :class:`~adapters_mtl.core.model.AdapterOutput`)."""
+    ``causal_lm``, else an :class:`~adapters_mtl.model.AdapterOutput`)."""
     kind = data.spec.kind
     if kind == "causal_lm":
         idx = torch.tensor(rows, device=out.logits.device)

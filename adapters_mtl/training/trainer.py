@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from ..core.heads import pool
-from ..core.model import AdapterModel
 from ..data.tasks import TaskData
+from ..model import AdapterModel
 from .accelerator import make_accelerator
 from .adversarial import TaskDiscriminator
 from .batches import Batch, BatchSource

@@ -35,7 +35,7 @@ def test_old_paths_are_the_new_modules_with_a_warning():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
-    assert len(MOVED) == 16
+    assert len(MOVED) == 15
 
 
 def test_no_module_shadows_the_standard_library():

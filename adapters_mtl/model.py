@@ -14,10 +14,10 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ..methods import Factors, Method, get_method, to_native
-from .config import HeadConfig, hidden_size_of, validate_name
-from .heads import Head, HeadOutput
-from .routing import Route, StaticSlot
+from .core.config import HeadConfig, hidden_size_of, validate_name
+from .core.heads import Head, HeadOutput
+from .core.routing import Route, StaticSlot
+from .methods import Factors, Method, get_method, to_native
 
 __all__ = ["AdapterModel", "AdapterOutput", "routing_entry_problem"]
 
