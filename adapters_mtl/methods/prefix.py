@@ -443,8 +443,11 @@ class PrefixMethod(Method):
     @override
     @classmethod
     def check_peft_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> list[str]:
-        return [f"unexpected key {k!r} (a prefix adapter holds prompt_embeddings only)" for k in tensors
-                if k != _KEY]  # fmt: skip
+        return [
+            f"unexpected key {k!r} (a prefix adapter holds prompt_embeddings only)"
+            for k in tensors
+            if k != _KEY
+        ]
 
     @override
     def peft_config(self, name: str, config: PrefixConfig, *, task_type: str, base_model: str | None) -> Any:

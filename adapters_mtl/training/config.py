@@ -99,8 +99,10 @@ class TrainConfig:
         for key in ("steps", "batch_size", "grad_accum", "eval_every"):
             if not _is_int(getattr(self, key)) or getattr(self, key) <= 0:
                 problems.append(f"{key} must be a positive int, got {getattr(self, key)!r}")
-        for key, what in (("patience", "evaluations without improvement before a task stops"),
-                          ("checkpoint_every", "steps between checkpoints")):  # fmt: skip
+        for key, what in (
+            ("patience", "evaluations without improvement before a task stops"),
+            ("checkpoint_every", "steps between checkpoints"),
+        ):
             value = getattr(self, key)
             if value is not None and (not _is_int(value) or value <= 0):
                 problems.append(f"{key} must be a positive int ({what}) or null (never), got {value!r}")

@@ -50,7 +50,9 @@ def _lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
     """Next-token cross-entropy: position t predicts token t+1; -100 ignored."""
     shifted = logits[:, :-1].float()
     target = labels[:, 1:]
-    loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), target.reshape(-1), ignore_index=-100, reduction=reduction)  # fmt: skip
+    loss = F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]), target.reshape(-1), ignore_index=-100, reduction=reduction
+    )
     return loss if reduction == "mean" else loss.view(target.shape)
 
 
@@ -63,8 +65,12 @@ def task_loss(data: TaskData, task: str, out: Any, rows: list[int], labels: list
         logits = out.logits.index_select(0, idx)
         return _lm_loss(logits, _label_tensor([labels[i] for i in rows], logits.shape[1], logits.device))
     head = out.heads[task]
-    y = _label_tensor([labels[i] for i in head.rows.tolist()], head.logits.shape[1] if head.logits.dim() == 3 else 0,
-                      head.logits.device, regression=kind == "regression")  # fmt: skip
+    y = _label_tensor(
+        [labels[i] for i in head.rows.tolist()],
+        head.logits.shape[1] if head.logits.dim() == 3 else 0,
+        head.logits.device,
+        regression=kind == "regression",
+    )
     if kind == "regression":
         return F.mse_loss(head.logits.squeeze(-1).float(), y)
     if kind == "token_cls":
@@ -73,7 +79,16 @@ def task_loss(data: TaskData, task: str, out: Any, rows: list[int], labels: list
 
 
 @torch.no_grad()
-def evaluate_task(model: nn.Module, data: TaskData, tokenizer: PreTrainedTokenizerBase, route: str | tuple[str, ...], device: torch.device | str, split: str = "validation", batch_size: int = 64, report: bool = False) -> dict[str, Any]:  # fmt: skip
+def evaluate_task(
+    model: nn.Module,
+    data: TaskData,
+    tokenizer: PreTrainedTokenizerBase,
+    route: str | tuple[str, ...],
+    device: torch.device | str,
+    split: str = "validation",
+    batch_size: int = 64,
+    report: bool = False,
+) -> dict[str, Any]:
     """Metrics of ``data``'s task on ``split`` with the adapter (or stack) ``route``; ``score`` is the one
     early stopping maximises; ``report`` adds a per-class report (precision/recall/F1/support) for
     classification."""
@@ -116,7 +131,9 @@ def _label_names(data: TaskData) -> tuple[str, ...]:
     return data.label_names
 
 
-def _classification(pred: np.ndarray, gold: Sequence[int] | np.ndarray, label_names: Sequence[str], report: bool) -> dict[str, Any]:  # fmt: skip
+def _classification(
+    pred: np.ndarray, gold: Sequence[int] | np.ndarray, label_names: Sequence[str], report: bool
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "accuracy": accuracy(pred, gold),
         "macro_f1": macro_f1(pred, gold, label_names),
@@ -127,7 +144,16 @@ def _classification(pred: np.ndarray, gold: Sequence[int] | np.ndarray, label_na
     return out
 
 
-def _evaluate_choices(model: nn.Module, data: TaskData, tokenizer: PreTrainedTokenizerBase, route: str | tuple[str, ...], device: torch.device | str, split: str, batch_size: int, report: bool) -> dict[str, Any]:  # fmt: skip
+def _evaluate_choices(
+    model: nn.Module,
+    data: TaskData,
+    tokenizer: PreTrainedTokenizerBase,
+    route: str | tuple[str, ...],
+    device: torch.device | str,
+    split: str,
+    batch_size: int,
+    report: bool,
+) -> dict[str, Any]:
     """Classification as generation: every label name is scored after the prompt; the likeliest wins."""
     texts, gold = data.splits[split]["text"], data.splits[split]["label"]
     C = len(_label_names(data))
@@ -135,7 +161,9 @@ def _evaluate_choices(model: nn.Module, data: TaskData, tokenizer: PreTrainedTok
     scores = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        inputs, labels = collate(tokenizer, [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": y} for ids, y in chunk])  # fmt: skip
+        inputs, labels = collate(
+            tokenizer, [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": y} for ids, y in chunk]
+        )
         inputs = {k: v.to(device) for k, v in inputs.items()}
         y = _label_tensor(labels, inputs["input_ids"].shape[1], device)
         out = model(**inputs, adapters=route)

@@ -121,11 +121,24 @@ class MultiTaskTrainer:
         if config.log_with:
             self.acc.init_trackers("train", config={k: str(v) for k, v in asdict(config).items()})
         train_sets = {t: d.encode(tokenizer, "train") for t, d in tasks.items()}
-        sampler = TaskSampler({t: len(ds) for t, ds in train_sets.items()}, config.sampling,
-                              temperature=config.temperature, total_steps=config.steps, seed=config.seed)  # fmt: skip
-        self.batches = BatchSource(train_sets, tokenizer, sampler, batch_size=config.batch_size,
-                                   batching=config.batching, seed=config.seed, num_processes=self.acc.num_processes,
-                                   process_index=self.acc.process_index, device=self.acc.device)  # fmt: skip
+        sampler = TaskSampler(
+            {t: len(ds) for t, ds in train_sets.items()},
+            config.sampling,
+            temperature=config.temperature,
+            total_steps=config.steps,
+            seed=config.seed,
+        )
+        self.batches = BatchSource(
+            train_sets,
+            tokenizer,
+            sampler,
+            batch_size=config.batch_size,
+            batching=config.batching,
+            seed=config.seed,
+            num_processes=self.acc.num_processes,
+            process_index=self.acc.process_index,
+            device=self.acc.device,
+        )
         self.weighting = make_weighting(config.weighting, list(tasks), **config.weighting_args)
         discriminator = None
         if config.sharing == "adversarial":
@@ -190,8 +203,12 @@ class MultiTaskTrainer:
         log = MetricsLog(Path(self.cfg.output_dir) / "metrics.csv") if self.acc.is_main_process else None
         if log is not None:
             log.reset(self.history)
-        bar = tqdm(total=self.cfg.steps, initial=self.global_step, disable=not self.acc.is_local_main_process,
-                   desc="train")  # fmt: skip
+        bar = tqdm(
+            total=self.cfg.steps,
+            initial=self.global_step,
+            disable=not self.acc.is_local_main_process,
+            desc="train",
+        )
         done_now = 0
         checkpoint = Path(self.cfg.output_dir) / "checkpoint"
         self.prepared.train()
@@ -297,7 +314,16 @@ class MultiTaskTrainer:
         was_training = self.model.training
         self.model.eval()
         try:  # every process evaluates the whole split on the unwrapped model (no DDP collectives)
-            return evaluate_task(self.model, self.tasks[task], self.tokenizer, self._route(task), self.acc.device, split, batch_size, report)  # fmt: skip
+            return evaluate_task(
+                self.model,
+                self.tasks[task],
+                self.tokenizer,
+                self._route(task),
+                self.acc.device,
+                split,
+                batch_size,
+                report,
+            )
         finally:
             self.model.train(was_training)
 
@@ -349,7 +375,9 @@ class MultiTaskTrainer:
 
 def _check_tasks(model: AdapterModel, tasks: dict[str, TaskData]) -> None:
     missing = [t for t in tasks if t not in model.adapter_names]
-    headless = [t for t, d in tasks.items() if not d.generative and t in model.adapter_names and t not in model.heads]  # fmt: skip
+    headless = [
+        t for t, d in tasks.items() if not d.generative and t in model.adapter_names and t not in model.heads
+    ]
     if missing or headless:
         raise ValueError(
             f"tasks {missing + headless} have no adapter{' with a head' if headless else ''} in the model; "

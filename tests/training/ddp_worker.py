@@ -23,8 +23,16 @@ def main() -> None:
     model = task_model(tiny("bert", vocab_size=tok.vocab_size, max_position_embeddings=64), tasks)
     for name in tasks:
         model.heads[name].dropout.p = 0.0  # compare gradient averaging, not dropout streams
-    cfg = TrainConfig(steps=6, batch_size=batch_size, lr=1e-2, eval_every=100, max_grad_norm=None,
-                      checkpoint_every=3, output_dir=str(tmp / f"run{batch_size}"), seed=0)  # fmt: skip
+    cfg = TrainConfig(
+        steps=6,
+        batch_size=batch_size,
+        lr=1e-2,
+        eval_every=100,
+        max_grad_norm=None,
+        checkpoint_every=3,
+        output_dir=str(tmp / f"run{batch_size}"),
+        seed=0,
+    )
     trainer = MultiTaskTrainer(model, tok, tasks, cfg)
     trainer.train()
     if trainer.acc.is_main_process:

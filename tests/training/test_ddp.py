@@ -26,8 +26,21 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     task_csv(tmp_path / "topic.csv", 160, *TOPIC, 1, filler=5)
     task_csv(tmp_path / "mood.csv", 120, *MOOD, 2, filler=5)
     one = _run([sys.executable, WORKER, str(tmp_path / "one.safetensors"), "8", str(tmp_path)], tmp_path)
-    two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                WORKER, str(tmp_path / "two.safetensors"), "4", str(tmp_path)], tmp_path)  # fmt: skip
+    two = _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            WORKER,
+            str(tmp_path / "two.safetensors"),
+            "4",
+            str(tmp_path),
+        ],
+        tmp_path,
+    )
     assert one.count("saved by process") == 1 and two.count("saved by process 0 of 2") == 1
     assert "saved by process 1" not in two
     a, b = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))

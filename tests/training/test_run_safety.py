@@ -55,7 +55,7 @@ def _recipe(files, tmp_path: Path, **train) -> Path:
             "eval_every": 2,
             "output_dir": str(tmp_path / "run"),
             **train,
-        },  # fmt: skip
+        },
         "registry": str(tmp_path / "reg"),
     }
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -106,7 +106,10 @@ def test_numbers_are_yaml_1_2_and_a_quoted_number_is_explained(files, tmp_path):
     assert loaded["train"].lr == 1e-3 and loaded["train"].weight_decay == 0.01
     assert loaded["train"].base_lr == 5e-5 and loaded["train"].mixed_precision == "no"
     assert loaded["train"].steps == 4 and isinstance(loaded["train"].steps, int)
-    with pytest.raises(RecipeError, match=r"train\.lr: expected a number, got '1e-3' \(a string\); write the number without quotes"):  # fmt: skip
+    with pytest.raises(
+        RecipeError,
+        match=r"train\.lr: expected a number, got '1e-3' \(a string\); write the number without quotes",
+    ):
         load_recipe(path, ["train.lr='1e-3'"])
 
 
@@ -152,7 +155,10 @@ def test_empty_test_split_fails_before_the_model_loads(files, tmp_path):
     with pytest.raises(RecipeError) as e:
         run_recipe(load_recipe(path, ["tasks.1.splits=[0.9, 0.1, 0.0]"]))
     assert time.perf_counter() - started < 10
-    assert "tasks[1] (mood): the test split is empty (60 rows split [0.9, 0.1, 0.0] gives train 54, validation 6, test 0)" in str(e.value)  # fmt: skip
+    assert (
+        "tasks[1] (mood): the test split is empty (60 rows split [0.9, 0.1, 0.0] gives train 54, validation 6, test 0)"
+        in str(e.value)
+    )
     assert "tasks.1.splits" in str(e.value) and not (tmp_path / "run").exists()
 
 
@@ -160,7 +166,9 @@ def test_empty_test_split_fails_before_the_model_loads(files, tmp_path):
 def test_unusable_output_dir_and_registry_are_reported_together_before_the_model(files, tmp_path):
     path = _recipe(files, tmp_path)
     (tmp_path / "a_file").write_text("not a folder")
-    recipe = load_recipe(path, [f"train.output_dir={tmp_path / 'a_file'}", f"registry={tmp_path / 'a_file' / 'reg'}"])  # fmt: skip
+    recipe = load_recipe(
+        path, [f"train.output_dir={tmp_path / 'a_file'}", f"registry={tmp_path / 'a_file' / 'reg'}"]
+    )
     with pytest.raises(RecipeError) as e:
         run_recipe(recipe)
     msg = str(e.value)
@@ -219,13 +227,23 @@ def test_publish_failure_keeps_adapters_results_and_says_how_to_publish(files, t
 
 def _cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "adapters_mtl.apps.cli", "train", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "adapters_mtl.apps.cli", "train", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def _adapters(run: Path) -> dict[str, torch.Tensor]:
-    return {f"{t}/{k}": v for t in ("topic", "mood")
-            for k, v in load_file(run / "adapters" / t / "adapter_model.safetensors").items()}  # fmt: skip
+    return {
+        f"{t}/{k}": v
+        for t in ("topic", "mood")
+        for k, v in load_file(run / "adapters" / t / "adapter_model.safetensors").items()
+    }
 
 
 def test_killed_cli_run_resumed_ends_with_the_adapters_of_an_uninterrupted_one(files, tmp_path, capsys):

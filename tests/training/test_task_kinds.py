@@ -61,8 +61,14 @@ def _topic_csv(path: Path) -> str:
 
 
 def test_classification_as_generation_ranks_label_names(tmp_path, tok):
-    spec = TaskSpec(name="topic", source=_topic_csv(tmp_path / "t.csv"), kind="causal_lm",
-                    label_names=("sport", "politics"), extra={"prompt": "{text} topic:"}, max_length=16)  # fmt: skip
+    spec = TaskSpec(
+        name="topic",
+        source=_topic_csv(tmp_path / "t.csv"),
+        kind="causal_lm",
+        label_names=("sport", "politics"),
+        extra={"prompt": "{text} topic:"},
+        max_length=16,
+    )
     data = load_task(spec)
     ids, labels = data.causal_ids(tok, "a b c d e f g h i j k l m n o p q", data.target(0))
     assert len(ids) == 16 and tok.decode(ids).endswith(
@@ -88,8 +94,14 @@ def test_free_generation_lowers_target_perplexity(tmp_path, tok):
         f"{w} {v},{w}" for w, v in ((rnd.choice(WORDS), rnd.choice(WORDS)) for _ in range(160))
     ]
     (tmp_path / "g.csv").write_text("\n".join(rows))
-    data = load_task(TaskSpec(name="echo", source=str(tmp_path / "g.csv"), kind="causal_lm",
-                              extra={"prompt": "repeat the first word: {text} ->"}))  # fmt: skip
+    data = load_task(
+        TaskSpec(
+            name="echo",
+            source=str(tmp_path / "g.csv"),
+            kind="causal_lm",
+            extra={"prompt": "repeat the first word: {text} ->"},
+        )
+    )
     assert data.label_names is None and isinstance(data.splits["train"]["label"][0], str)
     # a larger init so the tiny LM head can express confident next-token distributions
     model = AdapterModel(
