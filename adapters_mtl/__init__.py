@@ -8,7 +8,7 @@ corpora. See the README's "Layout" section.
 from . import _moved
 from .core.config import HeadConfig
 from .core.heads import HeadOutput
-from .methods import LoraConfig, PrefixConfig, register_method
+from .methods import IA3Config, LoraConfig, PrefixConfig, register_method
 from .model import AdapterModel, AdapterOutput
 
 __version__ = "0.1.0"
@@ -18,6 +18,7 @@ __all__ = [
     "AdapterOutput",
     "HeadConfig",
     "HeadOutput",
+    "IA3Config",
     "LoraConfig",
     "PrefixConfig",
     "__version__",

@@ -244,10 +244,10 @@ class AdapterModel(nn.Module):
         ``method_name`` (created on first use)."""
         return self._method(method_name)
 
-    def can_merge(self, name: str) -> bool:
+    def has_factors(self, name: str) -> bool:
         """Whether every part of ``name`` is a weight update (what merging and stack folding need)."""
         names = self.method_names(name)
-        return bool(names) and all(get_method(m).can_merge() for m in names)
+        return bool(names) and all(get_method(m).has_factors() for m in names)
 
     def factors(self, name: str, state: Mapping[str, torch.Tensor] | None = None) -> Factors:
         """``name``'s weight update as ``{module path: (A, B, scale)}`` (ΔW = scale·B·A; detached views of
@@ -257,7 +257,7 @@ class AdapterModel(nn.Module):
         Raises:
             ValueError: a part of ``name`` is not a weight update (e.g. a prefix).
         """
-        if not self.can_merge(name):
+        if not self.has_factors(name):
             raise ValueError(
                 f"adapter {name!r} is not only weight updates (methods: {self.method_names(name)}): only "
                 "adapters whose every part can be merged have factors (prefix tuning has no weight update)"

@@ -167,7 +167,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict:
             )
         else:
             shared = _build(LoraConfig, fields or {}, "adapter.shared", problems)
-        if any(not get_method(c.method).can_merge() for configs in adapters.values() for c in configs):
+        if any(not get_method(c.method).has_factors() for configs in adapters.values() for c in configs):
             problems.append(
                 "train.sharing works with LoRA task adapters only (each (shared, task) stack is folded into one "
                 "LoRA); remove the other methods' configs"

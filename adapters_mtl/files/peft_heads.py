@@ -180,7 +180,7 @@ def export_peft_classifier(
     head, configs = model.head_config(name), model.adapter_config(name)
     if (
         head is None
-        or not model.can_merge(name)
+        or not model.has_factors(name)
         or len(configs) != 1
         or head.kind not in ("seq_cls", "token_cls")
     ):

@@ -10,6 +10,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from .base import Factors, KeyMap, Method, MethodConfig
+from .ia3 import IA3Method
+from .ia3_config import IA3Config
 from .lora import LoraLayer, LoraMethod
 from .lora_config import LoraConfig
 from .prefix import PrefixMethod
@@ -18,6 +20,7 @@ from .prefix_config import PrefixConfig
 __all__ = [
     "METHODS",
     "Factors",
+    "IA3Config",
     "KeyMap",
     "LoraConfig",
     "LoraLayer",
@@ -58,6 +61,13 @@ def register_method(method: type[Method] | str, cls: type[Method] | None = None)
     if method.name in METHODS:
         raise ValueError(
             f"adapter method {method.name!r} is already registered ({METHODS[method.name].__name__})"
+        )
+    claimed = {k: m.name for m in METHODS.values() for k in m.peft_config_types}
+    taken = sorted(k for k in method.peft_config_types if k in claimed)
+    if taken:
+        raise ValueError(
+            f"PEFT config types {taken} are already read by method {claimed[taken[0]]!r}; one PEFT type maps to "
+            "one method (unregister_method() that one first to replace it)"
         )
     METHODS[method.name] = method
     return method
@@ -125,3 +135,4 @@ def to_native(config: Any) -> tuple[Any, ...]:
 
 register_method(LoraMethod)
 register_method(PrefixMethod)
+register_method(IA3Method)

@@ -125,7 +125,13 @@ class Method:
 
     @classmethod
     def can_merge(cls) -> bool:
-        """Whether adapters of this method are weight updates (:meth:`factors`, :meth:`merge`)."""
+        """Whether adapters of this method can be folded into the base weights (:meth:`merge`)."""
+        return cls.merge is not Method.merge
+
+    @classmethod
+    def has_factors(cls) -> bool:
+        """Whether adapters of this method are low-rank weight updates (:meth:`factors`: what merging
+        several adapters into one and stack folding combine)."""
         return cls.factors is not Method.factors
 
     def owns_parameter(self, qualified_name: str, parameter: nn.Parameter) -> bool:

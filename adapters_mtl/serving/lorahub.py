@@ -186,7 +186,7 @@ def compose(
     if k < 2 or missing:
         raise ValueError(f"need examples of at least 2 classes and of every class; no examples of {missing}")
     names = composer.resolve(list(refs))
-    not_lora = [n for n in names if not composer.model.can_merge(n)]
+    not_lora = [n for n in names if not composer.model.has_factors(n)]
     if not_lora:
         raise ValueError(f"only LoRA adapters can be composed; {not_lora} are not")
     mixer = _Mixer(composer, names, into, k, names_of_labels)

@@ -188,7 +188,7 @@ def merge_adapters(
         raise ValueError(f"density must be in (0, 1], got {density}")
     if rank is not None and (not isinstance(rank, int) or rank <= 0):
         raise ValueError(f"rank must be a positive int or None, got {rank!r}")
-    not_lora = [n for n in names if not model.can_merge(n)]
+    not_lora = [n for n in names if not model.has_factors(n)]
     if not_lora:
         raise ValueError(
             f"only LoRA adapters can be merged; {not_lora} have methods "

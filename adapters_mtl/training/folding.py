@@ -44,7 +44,7 @@ def fold_stack(model: AdapterModel, task: str, shared: str, snap: Mapping[str, t
     ``shared`` adapter stays attached (other tasks may still fold it).
 
     Raises:
-        ValueError: ``task`` or ``shared`` is not only LoRA (see :meth:`AdapterModel.can_merge`).
+        ValueError: ``task`` or ``shared`` is not only LoRA (see :meth:`AdapterModel.has_factors`).
     """
     own = {k: v for k, v in snap.items() if not k.startswith(SHARED_PREFIX)}
     shared_state = {k[len(SHARED_PREFIX) :]: v for k, v in snap.items() if k.startswith(SHARED_PREFIX)}

@@ -399,7 +399,7 @@ def _check_sharing(model: AdapterModel, tasks: dict[str, TaskData], sharing: str
         )
     if name in tasks or name in model.heads:
         raise ValueError(f"the shared adapter {name!r} must not be a task and must not have a head")
-    not_lora = [n for n in [name, *tasks] if not model.can_merge(n)]
+    not_lora = [n for n in [name, *tasks] if not model.has_factors(n)]
     if not_lora:
         raise ValueError(
             f"sharing folds each (shared, task) stack into one LoRA adapter, so every adapter must be LoRA "
