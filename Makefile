@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_registry.py
 	$(BIN)/python benchmarks/bench_training.py
 	$(BIN)/python benchmarks/bench_composer.py
+	$(BIN)/python benchmarks/bench_methods.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check adapters_mtl tests benchmarks
