@@ -19,14 +19,14 @@ per-thread is per-call; asyncio tasks that share a thread must not hold a ``usin
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["MixedRows", "Route", "StaticSlot", "repeats"]
+__all__ = ["MixedRows", "Route", "SlotSelection", "StaticSlot", "repeats", "slot_selection"]
 
 
 @dataclass
@@ -58,6 +58,42 @@ class MixedRows:
                 self.idx.repeat_interleave(k), self.uniq, self.inv.repeat_interleave(k)
             )
         return self._expanded[n]
+
+
+SlotSelection = int | MixedRows | tuple[int | MixedRows, ...]
+
+
+def slot_selection(
+    entries: Sequence[str | tuple[str, ...] | None],
+    slot: Mapping[str, int],
+    device: Callable[[], torch.device],
+) -> SlotSelection:
+    """The routing of a method that gives each adapter a global slot (0 = none): one entry per row (a name,
+    None, or a tuple = a stack) becomes an int (every row the same slot), :class:`MixedRows`, or for stacks
+    a tuple with one level per position (level k holds each row's k-th adapter of this method). Names the
+    method does not hold are skipped. ``device`` is called only when rows differ."""
+    stacks = [
+        tuple(n for n in (e if isinstance(e, tuple) else (e,)) if n is not None and n in slot)
+        for e in entries
+    ]
+    depth = max((len(s) for s in stacks), default=0)
+    if depth <= 1:
+        return _slot_level([slot[s[0]] if s else 0 for s in stacks], device)
+    return tuple(_slot_level([slot[s[k]] if k < len(s) else 0 for s in stacks], device) for k in range(depth))
+
+
+def _slot_level(slots: list[int], device: Callable[[], torch.device]) -> int | MixedRows:
+    first = slots[0] if slots else 0
+    if all(s == first for s in slots):
+        return first
+    uniq = sorted(set(slots))
+    pos = {s: i for i, s in enumerate(uniq)}
+    where = device()
+    return MixedRows(
+        idx=torch.tensor(slots, device=where),
+        uniq=uniq,
+        inv=torch.tensor([pos[s] for s in slots], device=where),
+    )
 
 
 def repeats(routed: int, n: int) -> int:

@@ -18,7 +18,7 @@ from torch import nn
 from typing_extensions import override
 
 from ..core.module_paths import PEFT_PREFIX
-from ..core.routing import MixedRows, Route
+from ..core.routing import MixedRows, Route, slot_selection
 from .base import KeyMap, Method
 from .ia3_config import IA3Config
 from .lora_layer import is_lora_target_type
@@ -261,25 +261,12 @@ class IA3Method(Method):
 
     @override
     def selection(self, names: Sequence[str | tuple[str, ...] | None]) -> IA3Selection:
-        stacks = [[n for n in (e if isinstance(e, tuple) else (e,)) if n in self.slot] for e in names]
-        depth = max((len(s) for s in stacks), default=0)
-        levels = [self._level([s[k] if k < len(s) else None for s in stacks]) for k in range(depth)]
-        if not levels:
-            return 0
-        return levels[0] if depth == 1 else tuple(levels)
+        return slot_selection(names, self.slot, self._device)
 
-    def _level(self, names: list[str | None]) -> int | MixedRows:
-        slots = [self.slot[n] if n is not None else 0 for n in names]
-        if all(s == slots[0] for s in slots):
-            return slots[0]
-        uniq = sorted(set(slots))
-        pos = {s: i for i, s in enumerate(uniq)}
-        layer = next(iter(self.layers.values()))
-        device = cast(torch.Tensor, _innermost(layer.base_layer).weight).device
-        return MixedRows(
-            idx=torch.tensor(slots, device=device),
-            uniq=uniq,
-            inv=torch.tensor([pos[s] for s in slots], device=device),
+    def _device(self) -> torch.device:
+        layer = next(iter(self.layers.values()), None)
+        return (
+            cast(torch.Tensor, _innermost(layer.base_layer).weight).device if layer else torch.device("cpu")
         )
 
     @override

@@ -17,7 +17,7 @@ from torch import nn
 from typing_extensions import override
 
 from ..core.module_paths import PEFT_PREFIX
-from ..core.routing import MixedRows, Route, StaticSlot
+from ..core.routing import MixedRows, Route, StaticSlot, slot_selection
 from .base import Factors, KeyMap, Method
 from .lora_config import LoraConfig
 from .lora_layer import LoraLayer, is_lora_target_type
@@ -158,25 +158,7 @@ class LoraMethod(Method):
         A stack becomes one level per position (level k holds each row's k-th LoRA adapter); layers add
         the levels' updates, so ("shared", "news") computes W·x + Δshared·x + Δnews·x.
         """
-        stacks = [tuple(n for n in (e if isinstance(e, tuple) else (e,)) if n in self.slot) for e in names]
-        depth = max((len(s) for s in stacks), default=0)
-        if depth <= 1:
-            return self._level([s[0] if s else None for s in stacks])
-        return tuple(self._level([s[k] if k < len(s) else None for s in stacks]) for k in range(depth))
-
-    def _level(self, names: list[str | None]) -> int | MixedRows:
-        slots = [self.slot.get(n, 0) if n is not None else 0 for n in names]
-        first = slots[0]
-        if all(s == first for s in slots):
-            return first
-        uniq = sorted(set(slots))
-        pos = {s: i for i, s in enumerate(uniq)}
-        device = self._device()
-        return MixedRows(
-            idx=torch.tensor(slots, device=device),
-            uniq=uniq,
-            inv=torch.tensor([pos[s] for s in slots], device=device),
-        )
+        return slot_selection(names, self.slot, self._device)
 
     def _device(self) -> torch.device:
         layer = next(iter(self.layers.values()), None)
