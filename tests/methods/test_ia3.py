@@ -106,7 +106,7 @@ def test_gradients_reach_only_the_routed_adapter_and_the_base_stays(family):
 
 
 def test_a_seeded_two_task_run_with_ia3_adapters_lowers_both_losses(tmp_path):
-    from helpers import two_tasks, train_config
+    from helpers import train_config, two_tasks
 
     from adapters_mtl.training import MultiTaskTrainer
 
