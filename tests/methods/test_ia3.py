@@ -51,7 +51,9 @@ def test_peft_reads_ours_and_we_read_peft(family, tmp_path):
     folder = save_adapter(model, "i0", tmp_path / "i0")
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(tiny(family)), str(folder)).eval()
     with torch.no_grad():
-        torch.testing.assert_close(output(theirs(**x), family), _run(model, x, family, "i0"), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            output(theirs(**x), family), _run(model, x, family, "i0"), atol=1e-5, rtol=0
+        )
     # the other way: an adapter PEFT made (its defaults, random vectors) loads and gives PEFT's outputs
     torch.manual_seed(9)
     made = peft.get_peft_model(copy.deepcopy(tiny(family)), peft.IA3Config(init_ia3_weights=False)).eval()
@@ -100,7 +102,9 @@ def test_gradients_reach_only_the_routed_adapter_and_the_base_stays(family):
     out.float().pow(2).mean().backward()
     grads = {n: p.grad for n in ("i0", "i1", "lora") for p in model.adapter_parameters(n).values()}
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.adapter_parameters("i0").values())
-    assert all(p.grad is None for n in ("i1", "lora") for p in model.adapter_parameters(n).values()), grads.keys()
+    assert all(p.grad is None for n in ("i1", "lora") for p in model.adapter_parameters(n).values()), (
+        grads.keys()
+    )
     torch.optim.SGD(model.trainable_parameters(), lr=0.1).step()
     assert all(torch.equal(before[k], v) for k, v in model.base_parameters().items())
 
