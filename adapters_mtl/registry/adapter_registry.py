@@ -17,6 +17,7 @@ import os
 import re
 import sqlite3
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,17 @@ __all__ = ["AdapterRecord", "AdapterRegistry", "RegistryError", "default_root"]
 
 _REF = re.compile(r"^(?P<name>[^@]+)(?:@(?P<tag>[^@]+))?$")
 _T = TypeVar("_T")
+
+# One catalog sync at a time per registry in this process: a sync scans the files, then writes the index,
+# and a sync whose scan predates a remove must not write after the remover's own sync (the catalog would
+# list the removed version again). Re-entrant: a full sync syncs names.
+_SYNC_LOCKS: dict[str, threading.RLock] = {}
+_SYNC_LOCKS_GUARD = threading.Lock()
+
+
+def _sync_lock(url: str) -> threading.RLock:
+    with _SYNC_LOCKS_GUARD:
+        return _SYNC_LOCKS.setdefault(url, threading.RLock())
 
 
 class RegistryError(KeyError):
@@ -151,7 +163,11 @@ class AdapterRegistry:
         return index
 
     def _sync(self, names: list[str]) -> None:
-        """Bring the catalog in step with the files for ``names``."""
+        """Bring the catalog in step with the files for ``names`` (scan and write as one step)."""
+        with _sync_lock(self.store.url):
+            self._sync_unlocked(names)
+
+    def _sync_unlocked(self, names: list[str]) -> None:
         self.store.refresh()
         changed = {}
         for name in names:
@@ -168,6 +184,10 @@ class AdapterRegistry:
             self._sync_all()  # the file could not be written: the in-memory index is filled instead
 
     def _sync_all(self, rebuild: bool = False) -> int:
+        with _sync_lock(self.store.url):
+            return self._sync_all_unlocked(rebuild)
+
+    def _sync_all_unlocked(self, rebuild: bool) -> int:
         self.store.refresh()
         on_disk, skipped = self.store.names()
         for folder, why in skipped.items():
