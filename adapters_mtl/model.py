@@ -381,7 +381,11 @@ class AdapterModel(nn.Module):
     @property
     def merged_adapter(self) -> str | None:
         """The adapter folded into the base weights by :meth:`merge`, or None."""
-        return next((m.merged() for m in self._methods.values() if m.merged() is not None), None)
+        for method in self._methods.values():  # read on every routed call: one merged() per method
+            merged = method.merged()
+            if merged is not None:
+                return merged
+        return None
 
     def merge(self, name: str, keep_original: bool = True) -> None:
         """Fold ``name``'s LoRA into the base weights (W' = W + s·B·A) and activate it.

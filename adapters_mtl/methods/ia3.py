@@ -85,10 +85,10 @@ class IA3Layer(nn.Module):
                 f"adapter {self.merged!r} is merged into this layer; unmerge() before mixing rows"
             )
         rows = sel.for_batch(batch)
-        ones = torch.ones(self.dim, dtype=self.dtype, device=device)
-        table = torch.stack(
-            [self.ia3_l[self.name_of_slot[s]] if s in self.name_of_slot else ones for s in rows.uniq]
-        )
+        names = [self.name_of_slot.get(s) for s in rows.uniq]
+        # rows without an IA3 adapter here get the identity (allocated only when there are such rows)
+        ones = torch.ones(self.dim, dtype=self.dtype, device=device) if None in names else None
+        table = torch.stack([self.ia3_l[n] if n is not None else cast(torch.Tensor, ones) for n in names])
         return table[rows.inv].view(batch, *([1] * (ndim - 2)), self.dim)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
