@@ -144,6 +144,24 @@ class Method:
         which a base with a fixed number of positions must have room for."""
         return 0
 
+    # ------------------------------------------------------------ files: a method PEFT has no format for
+    @classmethod
+    def has_peft_format(cls) -> bool:
+        """Whether PEFT reads adapters of this method (it names PEFT config types). A method without one
+        saves its part in adapters_mtl's own format: its config as JSON (``adapters_mtl_config.json``) beside
+        its tensors, under the keys of :meth:`peft_state` (then "PEFT's names" below mean the method's own)."""
+        return bool(cls.peft_config_types)
+
+    @classmethod
+    def config_from_dict(cls, data: Mapping[str, Any]) -> Any:
+        """The native config saved as a JSON object (``files.card.config_dict``'s form). Raises ValueError
+        naming the fields that are wrong."""
+        fields = dict(data)
+        try:
+            return cls.config_class(**fields)  # type: ignore[call-arg]
+        except TypeError as e:
+            raise ValueError(f"invalid {cls.config_class.__name__} fields {sorted(fields)}: {e}") from e
+
     # ------------------------------------------------------------ files: PEFT's format both ways
     @classmethod
     def config_from_peft(cls, peft_config: Any, *, saved: bool = False) -> Any:
