@@ -24,6 +24,7 @@ from .safe_read import (
 __all__ = [
     "CARD",
     "CONFIG",
+    "NATIVE_CONFIG",
     "HEAD_PREFIX",
     "HEAD_WEIGHTS",
     "WEIGHTS",
@@ -40,6 +41,8 @@ __all__ = [
 CARD = "adapter_card.json"
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
+# the config of a part whose method PEFT has no format for (e.g. bottleneck): {"method", "config", "library"}
+NATIVE_CONFIG = "adapters_mtl_config.json"
 HEAD_WEIGHTS = "head.safetensors"  # the task head (heads.head_shapes names its tensors), listed in the card
 # heads written before head.safetensors existed live in adapter_model.safetensors under this prefix (read
 # for compatibility; vLLM and LoRAX refuse any key that is not a LoRA weight, so it is no longer written)

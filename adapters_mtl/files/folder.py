@@ -6,6 +6,8 @@ Layout of a folder:
   head.safetensors           the task head, if any (classifier.weight / .bias, and dense.weight / .bias for
                              the two-layer RoBERTa and DistilBERT styles: see heads.Head)
   prefix/                    for a LoRA+prefix adapter: the prefix part as its own PEFT folder
+  adapters_mtl_config.json   instead of adapter_config.json for a part whose method PEFT has no format for
+                             (bottleneck adapters): our config as JSON; its tensors under the method's keys
   adapter_card.json          our card: task, methods, base fingerprint, head, metrics, sha256 of every file
   README.md                  the same card for people (as the Hub shows it)
 A prefix-only adapter keeps its prefix at the top level. Loading never unpickles.
@@ -39,6 +41,7 @@ from .card import (
     CONFIG,
     HEAD_PREFIX,
     HEAD_WEIGHTS,
+    NATIVE_CONFIG,
     WEIGHTS,
     card_head,
     check_files,
@@ -138,7 +141,15 @@ def save_adapter(
         for i, method in enumerate(file_order(by_method)):
             where = tmp / method if i else tmp
             where.mkdir(exist_ok=True)
-            _peft_config(model, name, by_method[method]).save_pretrained(str(where))
+            if model.method(method).has_peft_format():
+                _peft_config(model, name, by_method[method]).save_pretrained(str(where))
+            else:  # PEFT has no format for this method: our config beside the tensors
+                native = {
+                    "method": method,
+                    "config": config_dict(by_method[method]),
+                    "library": f"adapters_mtl {library_version()}",
+                }
+                (where / NATIVE_CONFIG).write_text(json.dumps(native, indent=2, sort_keys=True))
             state = model.method(method).peft_state(name)
             save_file(
                 state, str(where / WEIGHTS), metadata={"format": "pt", "adapters_mtl": library_version()}
@@ -185,7 +196,7 @@ class AdapterPart:
     """One PEFT folder of an adapter (the top level, or ``prefix/``): its configs and tensors."""
 
     folder: str  # "" (the top level) or the method's name
-    peft_config: object
+    peft_config: object  # None for a part in adapters_mtl's own format (a method PEFT has no format for)
     config: Any  # the method's native config (``config.method`` names the method)
     tensors: dict[str, torch.Tensor]
 
@@ -242,6 +253,32 @@ def _native_config(peft_cfg: Any, where: str) -> Any:
         raise AdapterFileError(f"{where}: {e}") from e
 
 
+def _parse_native_config(data: bytes, where: str) -> Any:
+    """The native config of a part saved in adapters_mtl's own format (:data:`NATIVE_CONFIG`)."""
+    try:
+        raw = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise AdapterFileError(f"{where} is not valid JSON ({e})") from e
+    if (
+        not isinstance(raw, dict)
+        or not isinstance(raw.get("method"), str)
+        or not isinstance(raw.get("config"), dict)
+    ):
+        raise AdapterFileError(
+            f"{where} holds {type(raw).__name__ if not isinstance(raw, dict) else sorted(raw)}: expected a JSON "
+            'object {"method": <name>, "config": {<fields>}} written by adapters_mtl'
+        )
+    method = METHODS.get(raw["method"])
+    if method is None:
+        raise AdapterFileError(
+            f"{where}: adapter method {raw['method'][:80]!r} is not registered here: expected one of {sorted(METHODS)}"
+        )
+    try:
+        return method.config_from_dict(raw["config"])
+    except (TypeError, ValueError) as e:
+        raise AdapterFileError(f"{where}: {e}") from e
+
+
 def read_adapter(directory: str | os.PathLike[str]) -> AdapterFolder:
     """Read and check an adapter folder (ours or PEFT's LoRA / prefix) without touching any model.
 
@@ -265,15 +302,15 @@ def read_adapter(directory: str | os.PathLike[str]) -> AdapterFolder:
         files = verify_files(root, card)
         files[CARD] = card_bytes  # the exact bytes checked: publishing copies these, never a re-read
         missing = [f for f in (CONFIG, WEIGHTS) if f not in files]
+        if NATIVE_CONFIG in files and CONFIG in missing:
+            missing.remove(CONFIG)
         if missing:
             raise AdapterFileError(
                 f"{root / CARD} does not list {missing}; expected PEFT's files in its 'files'"
             )
     else:
         files = {}
-        for rel in [
-            f for m in ("", *METHODS) for f in (f"{m}/{CONFIG}".lstrip("/"), f"{m}/{WEIGHTS}".lstrip("/"))
-        ]:
+        for rel in [f"{m}/{f}".lstrip("/") for m in ("", *METHODS) for f in (CONFIG, NATIVE_CONFIG, WEIGHTS)]:
             data = read_regular(root, rel)
             if data is not None:
                 files[rel] = data
@@ -297,10 +334,18 @@ def read_adapter(directory: str | os.PathLike[str]) -> AdapterFolder:
             raise AdapterFileError(
                 f"{where} has no {WEIGHTS}: expected a PEFT or adapters_mtl adapter folder"
             )
-        if cfg_rel not in files:
+        native_rel = f"{sub}/{NATIVE_CONFIG}".lstrip("/")
+        if cfg_rel in files and native_rel in files:
+            raise AdapterFileError(
+                f"{where} holds both {CONFIG} and {NATIVE_CONFIG}; expected one config per part"
+            )
+        if native_rel in files:
+            peft_cfg, config = None, _parse_native_config(files[native_rel], str(root / native_rel))
+        elif cfg_rel in files:
+            peft_cfg = _parse_peft_config(files[cfg_rel], str(root / cfg_rel))
+            config = _native_config(peft_cfg, str(root / cfg_rel))
+        else:
             raise AdapterFileError(f"{where} has no {CONFIG}: expected a PEFT or adapters_mtl adapter folder")
-        peft_cfg = _parse_peft_config(files[cfg_rel], str(root / cfg_rel))
-        config = _native_config(peft_cfg, str(root / cfg_rel))
         tensors = parse_tensors(files[weights_rel], str(root / weights_rel))
         tensors, peft_head, peft_head_tensors = split_peft_head(tensors, peft_cfg, str(root / weights_rel))
         if peft_head is not None:
@@ -392,7 +437,11 @@ def load_adapter(
     except ValueError as e:
         raise AdapterFileError(f"{e} (pass name= to load_adapter)") from e
     for part in folder.parts:
-        problem = model.method(part.config.method).check_peft_config(part.peft_config)
+        problem = (
+            model.method(part.config.method).check_peft_config(part.peft_config)
+            if part.peft_config is not None
+            else None
+        )
         if problem is not None:
             raise AdapterFileError(f"{root / part.folder}: {problem}")
     if card is None:  # a plain PEFT folder: no fingerprint, so say what could not be proven

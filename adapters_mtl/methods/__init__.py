@@ -10,6 +10,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from .base import Factors, KeyMap, Method, MethodConfig
+from .bottleneck import BottleneckMethod
+from .bottleneck_config import BottleneckConfig
 from .ia3 import IA3Method
 from .ia3_config import IA3Config
 from .lora import LoraLayer, LoraMethod
@@ -19,6 +21,7 @@ from .prefix_config import PrefixConfig
 
 __all__ = [
     "METHODS",
+    "BottleneckConfig",
     "Factors",
     "IA3Config",
     "KeyMap",
@@ -136,3 +139,4 @@ def to_native(config: Any) -> tuple[Any, ...]:
 register_method(LoraMethod)
 register_method(PrefixMethod)
 register_method(IA3Method)
+register_method(BottleneckMethod)

@@ -1,0 +1,383 @@
+"""Bottleneck adapters as a method (Houlsby / Pfeiffer placement), routed per row.
+
+Each targeted output projection (a sub-layer's last Linear/Conv1D: BERT's ``attention.output.dense`` and
+``output.dense``, Llama's ``o_proj`` and ``down_proj``, GPT-2's ``c_proj``) is wrapped by a
+:class:`BottleneckLayer` that adds ``scaling · up(act(down(LN(h))))`` to the projection's output ``h``.
+The sub-layer's own dropout, residual and layer norm follow unchanged.
+
+Routing: one adapter for every row is two plain ``linear`` calls. A mixed batch builds the distinct
+adapters' weights into small tables once per layer (zero rows for "no adapter": an all-zero adapter adds
+exactly 0), gathers each row's matrices and runs two batched matmuls — the same gather-and-bmm idea as
+LoRA's routed path, never one module call per adapter. Adapters of different widths share a table
+(zero-padded: the padded units are 0 before and after the non-linearity, which maps 0 to 0); adapters of
+different non-linearities go in one table each.
+
+Written by hand: PEFT has no bottleneck method and AdapterHub's ``adapters`` (the reference
+implementation) requires transformers 4.x, so it cannot run beside transformers 5 here; the tests check the
+formula directly. Saved in adapters_mtl's format (config JSON + safetensors, see
+``Method.has_peft_format``) under ``base_model.model.<module path>.bottleneck.<down|up|norm>.<weight|bias>``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from typing_extensions import override
+
+from ..core.config import adapter_dtype_for
+from ..core.module_paths import PEFT_PREFIX
+from ..core.routing import MixedRows, Route, slot_selection
+from .base import KeyMap, Method
+from .bottleneck_config import BottleneckConfig
+from .lora_layer import is_lora_target_type
+
+__all__ = ["BottleneckLayer", "BottleneckMethod"]
+
+BottleneckSelection = int | MixedRows | tuple[int | MixedRows, ...]
+
+# Output projections of the attention and feed-forward sub-layers (regexes over the full module name),
+# by model type: (attention output, feed-forward output).
+_BERT = (r".*attention\.output\.dense", r".*layer\.\d+\.output\.dense")
+_LLAMA = (r".*self_attn\.o_proj", r".*mlp\.down_proj")
+OUTPUT_PROJECTIONS: dict[str, tuple[str, str]] = {
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "camembert", "mpnet"), _BERT),
+    "distilbert": (r".*attention\.out_lin", r".*ffn\.lin2"),
+    **dict.fromkeys(
+        ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "phi3"),
+        _LLAMA,
+    ),
+    "gpt2": (r".*attn\.c_proj", r".*mlp\.c_proj"),
+    "gpt_neox": (r".*attention\.dense", r".*mlp\.dense_4h_to_h"),
+}
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+}  # each maps 0 to 0
+PARTS = ("down.weight", "down.bias", "up.weight", "up.bias", "norm.weight", "norm.bias")
+NORM_EPS = 1e-5
+
+
+def _innermost(module: nn.Module) -> nn.Module:
+    """The Linear/Conv1D under any wrappers (each keeps the module it wraps as ``base_layer``)."""
+    while not is_lora_target_type(module):
+        module = cast(nn.Module, module.base_layer)
+    return module
+
+
+def _matches(targets: tuple[str, ...] | str, path: str) -> bool:
+    """PEFT's target matching: a regex must match the whole name, a name matches a suffix at a dot."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    return any(path == t or path.endswith(f".{t}") for t in targets)
+
+
+class BottleneckLayer(nn.Module):
+    """Wraps one output projection (the outermost module at its path) and adds each row's adapter."""
+
+    _route: Route
+
+    def __init__(self, base_layer: nn.Module, route: Route, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        w = cast(torch.Tensor, _innermost(base_layer).weight)
+        conv1d = not isinstance(_innermost(base_layer), nn.Linear)  # transformers' Conv1D stores (in, out)
+        self.features = w.shape[1] if conv1d else w.shape[0]
+        self.dtype = dtype or adapter_dtype_for(w.dtype)
+        # name -> tensor; ParameterDicts so that each adapter's tensors are ordinary parameters
+        self.bn_down_weight = nn.ParameterDict()  # (width, features)
+        self.bn_down_bias = nn.ParameterDict()  # (width,)
+        self.bn_up_weight = nn.ParameterDict()  # (features, width)
+        self.bn_up_bias = nn.ParameterDict()  # (features,)
+        self.bn_norm_weight = nn.ParameterDict()  # (features,), only with layer_norm
+        self.bn_norm_bias = nn.ParameterDict()
+        self.config: dict[str, BottleneckConfig] = {}
+        self.name_of_slot: dict[int, str] = {}
+        object.__setattr__(self, "_route", route)  # shared, not a submodule
+
+    def _dicts(self) -> dict[str, nn.ParameterDict]:
+        return {
+            "down.weight": self.bn_down_weight,
+            "down.bias": self.bn_down_bias,
+            "up.weight": self.bn_up_weight,
+            "up.bias": self.bn_up_bias,
+            "norm.weight": self.bn_norm_weight,
+            "norm.bias": self.bn_norm_bias,
+        }
+
+    def add(self, name: str, slot: int, config: BottleneckConfig) -> None:
+        d, r = self.features, config.width(self.features)
+        device = cast(torch.Tensor, _innermost(self.base_layer).weight).device
+        kw: dict[str, Any] = {"dtype": self.dtype, "device": device}
+        down = torch.randn(r, d, **kw) * 0.01
+        up = torch.zeros(d, r, **kw) if config.init == "near_identity" else torch.randn(d, r, **kw) / r**0.5
+        values = {"down.weight": down, "down.bias": torch.zeros(r, **kw), "up.weight": up}
+        values["up.bias"] = (
+            torch.zeros(d, **kw) if config.init == "near_identity" else 0.1 * torch.randn(d, **kw)
+        )
+        if config.init == "random":
+            values["down.weight"] = torch.randn(r, d, **kw) / d**0.5
+        if config.layer_norm:
+            values["norm.weight"] = torch.ones(d, **kw)
+            values["norm.bias"] = torch.zeros(d, **kw)
+            if config.init == "random":
+                values["norm.weight"] = values["norm.weight"] + 0.1 * torch.randn(d, **kw)
+        dicts = self._dicts()
+        for part, value in values.items():
+            dicts[part][name] = nn.Parameter(value)
+        self.config[name] = config
+        self.name_of_slot[slot] = name
+
+    def remove(self, name: str) -> None:
+        for params in self._dicts().values():
+            if name in params:
+                del params[name]
+        del self.config[name]
+        self.name_of_slot = {s: n for s, n in self.name_of_slot.items() if n != name}
+
+    def params(self, name: str) -> dict[str, nn.Parameter]:
+        return {part: cast(nn.Parameter, p[name]) for part, p in self._dicts().items() if name in p}
+
+    # ------------------------------------------------------------------ forward
+    def _one(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        """``h`` plus adapter ``name``'s output, every row."""
+        cfg, x = self.config[name], h.to(self.dtype)
+        z = x
+        if cfg.layer_norm:
+            z = F.layer_norm(
+                z, (self.features,), self.bn_norm_weight[name], self.bn_norm_bias[name], NORM_EPS
+            )
+        z = ACTIVATIONS[cfg.non_linearity](F.linear(z, self.bn_down_weight[name], self.bn_down_bias[name]))
+        z = F.linear(z, self.bn_up_weight[name], self.bn_up_bias[name])
+        return (x + cfg.scaling * z).to(h.dtype)
+
+    def _mixed(self, rows: MixedRows, h: torch.Tensor) -> torch.Tensor:
+        """``h`` plus each row's adapter (rows without one here: unchanged), by gather-and-bmm."""
+        names = [self.name_of_slot.get(s) for s in rows.uniq]
+        held = [n for n in names if n is not None]
+        if not held:
+            return h
+        B, d = h.shape[0], self.features
+        x = h.to(self.dtype).reshape(B, -1, d)
+        out = x
+        for act in dict.fromkeys(self.config[n].non_linearity for n in held):
+            group = [n if n is not None and self.config[n].non_linearity == act else None for n in names]
+            out = out + self._gathered(group, rows.inv, x, act)
+        return out.reshape(h.shape).to(h.dtype)
+
+    def _gathered(
+        self, names: list[str | None], inv: torch.Tensor, x: torch.Tensor, act: str
+    ) -> torch.Tensor:
+        """The adapters' outputs for the rows whose adapter is in ``names`` (zeros for the others)."""
+        d = self.features
+        width = max(self.config[n].width(d) for n in names if n is not None)
+        zero_w = x.new_zeros(width, d)
+
+        dicts = self._dicts()
+        # how each part pads to the table's width: (rows, width) on dim 0, (features, width) on dim 1
+        padding = {
+            "down.weight": lambda t, k: F.pad(t, (0, 0, 0, k)),
+            "down.bias": lambda t, k: F.pad(t, (0, k)),
+        }
+        padding["up.weight"] = padding["down.bias"]
+
+        def table(part: str, fill: torch.Tensor) -> torch.Tensor:
+            """(B, ...) each row's tensor of ``part`` (``fill`` for rows without one)."""
+            items = []
+            for name in names:
+                if name is None or name not in dicts[part]:
+                    items.append(fill)
+                    continue
+                t, pad = dicts[part][name], width - self.config[name].width(d)
+                items.append(padding[part](t, pad) if pad and part in padding else t)
+            return torch.stack(items)[inv]
+
+        z = x
+        if any(n is not None and self.config[n].layer_norm for n in names):
+            normed = F.layer_norm(x, (d,), eps=NORM_EPS)
+            uses = torch.tensor(
+                [n is not None and self.config[n].layer_norm for n in names], device=x.device
+            )[inv].view(-1, 1, 1)
+            w = table("norm.weight", x.new_ones(d))[:, None, :]
+            b = table("norm.bias", x.new_zeros(d))[:, None, :]
+            z = torch.where(uses, normed * w + b, x)
+        down = table("down.weight", zero_w)  # (B, width, d)
+        down_b = table("down.bias", x.new_zeros(width))
+        z = ACTIVATIONS[act](torch.baddbmm(down_b[:, None, :], z, down.transpose(1, 2)))
+        up = table("up.weight", zero_w.T)  # (B, d, width)
+        up_b = table("up.bias", x.new_zeros(d))
+        scale = torch.tensor(
+            [self.config[n].scaling if n is not None else 0.0 for n in names], dtype=x.dtype, device=x.device
+        )[inv].view(-1, 1, 1)
+        return scale * torch.baddbmm(up_b[:, None, :], z, up.transpose(1, 2))
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The projection's output plus each row's adapter (a stack's levels apply in turn)."""
+        h = self.base_layer(x, *args, **kwargs)
+        if not self.name_of_slot:
+            return h
+        sel: BottleneckSelection = self._route.get("bottleneck")
+        for level in sel if isinstance(sel, tuple) else (sel,):
+            if isinstance(level, int):
+                name = self.name_of_slot.get(level)
+                if name is not None:
+                    h = self._one(name, h)
+            else:
+                h = self._mixed(level.for_batch(h.shape[0]), h)
+        return h
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, adapters={list(self.config)}"
+
+
+class BottleneckMethod(Method):
+    """Owns every :class:`BottleneckLayer` of one model. Selection: an int slot (every row),
+    :class:`MixedRows`, or a tuple of those (a stack: the levels apply one after the other)."""
+
+    name = "bottleneck"
+    config_class = BottleneckConfig
+    idle_selection = 0
+
+    def __init__(self, model: nn.Module, route: Route, *, adapter_dtype: torch.dtype | None = None) -> None:
+        super().__init__(model, route, adapter_dtype=adapter_dtype)
+        self.layers: dict[str, BottleneckLayer] = {}
+        self.slot: dict[str, int] = {}
+        self.paths: dict[str, list[str]] = {}
+
+    def _targets(self, config: BottleneckConfig) -> tuple[str, ...] | str:
+        if config.targets is not None:
+            return config.targets
+        model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+        known = OUTPUT_PROJECTIONS.get(model_type or "")
+        if known is None:
+            raise ValueError(
+                f"BottleneckConfig(placement={config.placement!r}) does not know the output projections of model "
+                f"type {model_type!r} (known: {sorted(OUTPUT_PROJECTIONS)}): pass targets=(...) with the module-"
+                "name suffixes of the attention and/or feed-forward output layers, e.g. ('o_proj', 'down_proj')"
+            )
+        return known[1] if config.placement == "pfeiffer" else f"(?:{known[0]})|(?:{known[1]})"
+
+    def _match(self, config: BottleneckConfig) -> list[str]:
+        targets = self._targets(config)
+        paths = set()
+        for path, module in self.model.named_modules():
+            if isinstance(module, BottleneckLayer) or not is_lora_target_type(module):
+                continue
+            name = re.sub(r"(\.base_layer)+$", "", path)  # a layer other methods wrapped: the wrapper's path
+            if not name.startswith("heads.") and _matches(targets, name):
+                paths.add(name)
+        if not paths:
+            wanted = [targets] if isinstance(targets, str) else list(targets)
+            raise ValueError(
+                f"bottleneck targets {wanted} match no Linear/Conv1D module of {type(self.model).__name__}"
+            )
+        return sorted(paths)
+
+    def _wrap(self, path: str) -> BottleneckLayer:
+        if path not in self.layers:
+            parent_path, _, child = path.rpartition(".")
+            parent = self.model.get_submodule(parent_path) if parent_path else self.model
+            layer = BottleneckLayer(getattr(parent, child), self.route, self.adapter_dtype)
+            setattr(parent, child, layer)
+            self.layers[path] = layer
+        return self.layers[path]
+
+    # ---------------------------------------------------------------- adapters
+    @override
+    def add(self, name: str, config: BottleneckConfig) -> None:
+        paths = self._match(config)  # raises before anything is attached
+        slot = max(self.slot.values(), default=0) + 1
+        for path in paths:
+            self._wrap(path).add(name, slot, config)
+        self.slot[name], self.paths[name] = slot, paths
+
+    @override
+    def remove(self, name: str) -> None:
+        for path in self.paths.pop(name):
+            self.layers[path].remove(name)
+        del self.slot[name]
+
+    @override
+    def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
+        """``{"<module path>.bottleneck.<down|up|norm>.<weight|bias>": tensor}``."""
+        return {
+            f"{p}.bottleneck.{part}": t
+            for p in self.paths[name]
+            for part, t in self.layers[p].params(name).items()
+        }
+
+    @override
+    def selection(self, names: Sequence[str | tuple[str, ...] | None]) -> BottleneckSelection:
+        return slot_selection(names, self.slot, self._device)
+
+    def _device(self) -> torch.device:
+        layer = next(iter(self.layers.values()), None)
+        return (
+            cast(torch.Tensor, _innermost(layer.base_layer).weight).device if layer else torch.device("cpu")
+        )
+
+    @override
+    def owns_parameter(self, qualified_name: str, parameter: nn.Parameter) -> bool:
+        return re.search(r"\.bn_(down|up|norm)_(weight|bias)\.", qualified_name) is not None
+
+    # ---------------------------------------------------------------- files (adapters_mtl's format)
+    @override
+    @classmethod
+    def owns_peft_key(cls, key: str) -> bool:
+        return any(key.endswith(f".bottleneck.{part}") for part in PARTS)
+
+    @override
+    @classmethod
+    def check_peft_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> list[str]:
+        problems = []
+        for key, t in tensors.items():
+            part = key.rpartition(".bottleneck.")[2]
+            if ".bottleneck." not in key or part not in PARTS:
+                problems.append(f"unexpected key {key!r} (expected <module>.bottleneck.<{'|'.join(PARTS)}>)")
+            elif t.dim() != (2 if part.endswith("weight") and part != "norm.weight" else 1):
+                problems.append(
+                    f"{key}: a tensor of shape {tuple(t.shape)} has the wrong number of dimensions"
+                )
+        return problems
+
+    @override
+    def peft_state(self, name: str) -> dict[str, torch.Tensor]:
+        return {
+            f"{PEFT_PREFIX}{k}": p.detach().contiguous().clone() for k, p in self.adapter_params(name).items()
+        }
+
+    @override
+    @torch.no_grad()
+    def load_peft_state(self, name: str, state: Mapping[str, torch.Tensor], key_maps: KeyMap) -> list[str]:
+        mine = self.adapter_params(name)
+        best: dict[str, str] = {}
+        for _, fn in key_maps:
+            hits = {}
+            for key in state:
+                path, _, part = key.removeprefix(PEFT_PREFIX).rpartition(".bottleneck.")
+                mapped = fn(path)
+                if mapped is not None and f"{mapped}.bottleneck.{part}" in mine:
+                    hits[key] = f"{mapped}.bottleneck.{part}"
+            if len(hits) > len(best):
+                best = hits
+            if len(hits) == len(state) == len(mine):
+                break
+        problems = [f"unexpected key {k}" for k in state if k not in best][:8]
+        missing = sorted(set(mine) - set(best.values()))
+        if missing:
+            problems.append(f"missing keys: {missing[:8]}")
+        for key, own in best.items():
+            if state[key].shape != mine[own].shape:
+                problems.append(
+                    f"{key}: shape {tuple(state[key].shape)} but the adapter expects {tuple(mine[own].shape)}"
+                )
+        if not problems:
+            for key, own in best.items():
+                mine[own].copy_(state[key].to(mine[own].dtype))
+        return problems
