@@ -8,7 +8,7 @@ corpora. See the README's "Layout" section.
 from . import _moved
 from .core.config import HeadConfig
 from .core.heads import HeadOutput
-from .methods import IA3Config, LoraConfig, PrefixConfig, register_method
+from .methods import BottleneckConfig, IA3Config, LoraConfig, PrefixConfig, register_method
 from .model import AdapterModel, AdapterOutput
 
 __version__ = "0.1.0"
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterModel",
     "AdapterOutput",
+    "BottleneckConfig",
     "HeadConfig",
     "HeadOutput",
     "IA3Config",

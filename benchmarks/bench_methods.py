@@ -34,13 +34,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_routing import build_base, decode_stepper, med, prefill_inputs, ratio, rounds  # noqa: E402
 
 from adapters_mtl import AdapterModel, IA3Config, LoraConfig, PrefixConfig  # noqa: E402
+from adapters_mtl.methods import BottleneckConfig  # noqa: E402
 
 N = 16  # distinct adapters in a mixed batch (and rows of every batch)
 T = 64
 
 
 def configs() -> dict[str, tuple[Any, Any]]:
-    """(ours, PEFT's) config per method, the same adapter in both libraries."""
+    """(ours, PEFT's) config per method, the same adapter in both libraries (PEFT's None: PEFT lacks it)."""
     return {
         "lora": (
             LoraConfig(r=8, alpha=16, targets=("q_proj", "v_proj"), init="random"),
@@ -51,6 +52,8 @@ def configs() -> dict[str, tuple[Any, Any]]:
             peft.PrefixTuningConfig(num_virtual_tokens=16, task_type="CAUSAL_LM"),
         ),
         "ia3": (IA3Config(init="random"), peft.IA3Config(init_ia3_weights=False)),
+        # Pfeiffer placement (after each feed-forward), width 64 = hidden/9 (PEFT has no bottleneck adapters)
+        "bottleneck": (BottleneckConfig(placement="pfeiffer", size=64, init="random"), None),
     }
 
 
@@ -62,7 +65,7 @@ def time_method(method: str, ours_cfg: Any, peft_cfg: Any, base: torch.nn.Module
     params = sum(p.numel() for p in model.adapter_parameters("a0").values())
     x = prefill_inputs(N, T)
     mixed = [f"a{i}" for i in range(N)]
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft_cfg).eval()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft_cfg).eval() if peft_cfg is not None else None
 
     def call(adapters: Any) -> Callable[[], Any]:
         return lambda: model(**x, adapters=adapters, logits_to_keep=1)
@@ -71,9 +74,12 @@ def time_method(method: str, ours_cfg: Any, peft_cfg: Any, base: torch.nn.Module
         "base": lambda: base(**x, logits_to_keep=1),
         "single": call("a0"),
         "mixed": call(mixed),
-        "peft single": lambda: theirs(**x, logits_to_keep=1),
     }
-    if method == "lora":  # PEFT's mixed-batch path (adapter_names) exists for LoRA: 16 distinct there too
+    if theirs is not None:
+        fns["peft single"] = lambda: theirs(**x, logits_to_keep=1)
+    if (
+        method == "lora" and theirs is not None
+    ):  # PEFT's mixed-batch path (adapter_names) exists for LoRA: 16 distinct there too
         for i in range(1, N):
             theirs.add_adapter(f"a{i}", peft_cfg)
         names = ["default"] + [f"a{i}" for i in range(1, N)]
@@ -106,7 +112,7 @@ def time_method(method: str, ours_cfg: Any, peft_cfg: Any, base: torch.nn.Module
         "adapter_params": params,
         "unmerged_over_base": ratio(prefill, "single", "base"),
         "merged_over_base": merged,
-        "peft_unmerged_over_base": ratio(prefill, "peft single", "base"),
+        "peft_unmerged_over_base": ratio(prefill, "peft single", "base") if theirs is not None else None,
         "prefill_single_ms": med(prefill, "single"),
         "prefill_mixed_over_single": ratio(prefill, "single", "mixed"),  # throughput ratio: >1 = mixed faster
         "peft_prefill_mixed_over_single": ratio(prefill, "peft single", "peft mixed")
@@ -123,10 +129,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--out", default="benchmarks/results/bench_methods.json")
+    parser.add_argument("--methods", nargs="*", default=None, help="only these methods (default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     base = build_base(args.layers)
-    rows = [time_method(m, ours, theirs, base, args.repeat) for m, (ours, theirs) in configs().items()]
+    chosen = {m: c for m, c in configs().items() if args.methods is None or m in args.methods}
+    rows = [time_method(m, ours, theirs, base, args.repeat) for m, (ours, theirs) in chosen.items()]
 
     def x(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}x"

@@ -99,6 +99,8 @@ class BottleneckLayer(nn.Module):
         self.bn_norm_bias = nn.ParameterDict()
         self.config: dict[str, BottleneckConfig] = {}
         self.name_of_slot: dict[int, str] = {}
+        # inference tables of a mixed batch: (names, device, tensor versions) -> stacked tensors
+        self._table_cache: dict[tuple, dict[str, torch.Tensor]] = {}
         object.__setattr__(self, "_route", route)  # shared, not a submodule
 
     def _dicts(self) -> dict[str, nn.ParameterDict]:
@@ -139,6 +141,7 @@ class BottleneckLayer(nn.Module):
             if name in params:
                 del params[name]
         del self.config[name]
+        self._table_cache.clear()
         self.name_of_slot = {s: n for s, n in self.name_of_slot.items() if n != name}
 
     def params(self, name: str) -> dict[str, nn.Parameter]:
@@ -171,50 +174,72 @@ class BottleneckLayer(nn.Module):
             out = out + self._gathered(group, rows.inv, x, act)
         return out.reshape(h.shape).to(h.dtype)
 
+    def _tables(self, names: list[str | None], like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The adapters' tensors stacked along a first axis, one entry per name (zeros for None; widths
+        zero-padded to the widest). Cached without autograd (inference: a decode loop builds them once),
+        keyed on the names and every tensor's version counter, so in-place updates are seen."""
+        params = [self.params(n) if n is not None else {} for n in names]
+        key = None
+        if not torch.is_grad_enabled():
+            # a tensor's version counter moves on every in-place change (optimizer steps, loads); torch
+            # offers no public name for it
+            versions = tuple(p._version for ps in params for p in ps.values())  # noqa: SLF001
+            key = (tuple(names), like.device, versions)
+            hit = self._table_cache.get(key)
+            if hit is not None:
+                return hit
+        d = self.features
+        width = max(self.config[n].width(d) for n in names if n is not None)
+
+        def stacked(part: str, fill: torch.Tensor) -> torch.Tensor:
+            items = []
+            for ps in params:
+                t = ps.get(part, fill)
+                pad = width - t.shape[0 if part.startswith("down") else -1] if part != "up.bias" else 0
+                if pad and part.startswith("down"):
+                    t = F.pad(t, (0, 0, 0, pad) if t.dim() == 2 else (0, pad))
+                elif pad and part == "up.weight":
+                    t = F.pad(t, (0, pad))
+                items.append(t)
+            return torch.stack(items)
+
+        tables = {
+            "down.weight": stacked("down.weight", like.new_zeros(width, d)),  # (n, width, d)
+            "down.bias": stacked("down.bias", like.new_zeros(width)),
+            "up.weight": stacked("up.weight", like.new_zeros(d, width)),  # (n, d, width)
+            "up.bias": stacked("up.bias", like.new_zeros(d)),
+            "scale": torch.tensor(
+                [self.config[n].scaling if n is not None else 0.0 for n in names],
+                dtype=like.dtype,
+                device=like.device,
+            ),
+        }
+        if any(n is not None and self.config[n].layer_norm for n in names):
+            tables["norm.weight"] = stacked("norm.weight", like.new_ones(d))
+            tables["norm.bias"] = stacked("norm.bias", like.new_zeros(d))
+            tables["uses_norm"] = torch.tensor(
+                [n is not None and self.config[n].layer_norm for n in names], device=like.device
+            )
+        if key is not None:
+            if len(self._table_cache) >= 8:
+                self._table_cache.pop(next(iter(self._table_cache)))
+            self._table_cache[key] = tables
+        return tables
+
     def _gathered(
         self, names: list[str | None], inv: torch.Tensor, x: torch.Tensor, act: str
     ) -> torch.Tensor:
         """The adapters' outputs for the rows whose adapter is in ``names`` (zeros for the others)."""
-        d = self.features
-        width = max(self.config[n].width(d) for n in names if n is not None)
-        zero_w = x.new_zeros(width, d)
-
-        dicts = self._dicts()
-        # how each part pads to the table's width: (rows, width) on dim 0, (features, width) on dim 1
-        padding = {
-            "down.weight": lambda t, k: F.pad(t, (0, 0, 0, k)),
-            "down.bias": lambda t, k: F.pad(t, (0, k)),
-        }
-        padding["up.weight"] = padding["down.bias"]
-
-        def table(part: str, fill: torch.Tensor) -> torch.Tensor:
-            """(B, ...) each row's tensor of ``part`` (``fill`` for rows without one)."""
-            items = []
-            for name in names:
-                if name is None or name not in dicts[part]:
-                    items.append(fill)
-                    continue
-                t, pad = dicts[part][name], width - self.config[name].width(d)
-                items.append(padding[part](t, pad) if pad and part in padding else t)
-            return torch.stack(items)[inv]
-
+        tables = self._tables(names, x)
         z = x
-        if any(n is not None and self.config[n].layer_norm for n in names):
-            normed = F.layer_norm(x, (d,), eps=NORM_EPS)
-            uses = torch.tensor(
-                [n is not None and self.config[n].layer_norm for n in names], device=x.device
-            )[inv].view(-1, 1, 1)
-            w = table("norm.weight", x.new_ones(d))[:, None, :]
-            b = table("norm.bias", x.new_zeros(d))[:, None, :]
-            z = torch.where(uses, normed * w + b, x)
-        down = table("down.weight", zero_w)  # (B, width, d)
-        down_b = table("down.bias", x.new_zeros(width))
+        if "uses_norm" in tables:
+            normed = F.layer_norm(x, (self.features,), eps=NORM_EPS)
+            w, b = tables["norm.weight"][inv][:, None, :], tables["norm.bias"][inv][:, None, :]
+            z = torch.where(tables["uses_norm"][inv].view(-1, 1, 1), normed * w + b, x)
+        down, down_b = tables["down.weight"][inv], tables["down.bias"][inv]  # (B, width, d), (B, width)
         z = ACTIVATIONS[act](torch.baddbmm(down_b[:, None, :], z, down.transpose(1, 2)))
-        up = table("up.weight", zero_w.T)  # (B, d, width)
-        up_b = table("up.bias", x.new_zeros(d))
-        scale = torch.tensor(
-            [self.config[n].scaling if n is not None else 0.0 for n in names], dtype=x.dtype, device=x.device
-        )[inv].view(-1, 1, 1)
+        up, up_b = tables["up.weight"][inv], tables["up.bias"][inv]  # (B, d, width), (B, d)
+        scale = tables["scale"][inv].view(-1, 1, 1)
         return scale * torch.baddbmm(up_b[:, None, :], z, up.transpose(1, 2))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

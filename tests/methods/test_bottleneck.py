@@ -86,6 +86,13 @@ def test_routed_rows_equal_each_alone_with_stacks(family):
         alone = _run(model, x, family, entry)[i]
         torch.testing.assert_close(mixed[i][mask[i]], alone[mask[i]], atol=1e-5, rtol=0)
     assert (mixed[0] - _run(model, x, family, None)[0]).abs().max() > 1e-3  # the adapters really act
+    # the inference tables are cached; an in-place change of an adapter (a load, an optimizer step) is seen
+    with torch.no_grad():
+        for p in model.adapter_parameters("q").values():
+            p.add_(0.05)
+    again = _run(model, x, family, rows)
+    torch.testing.assert_close(again[4][mask[4]], _run(model, x, family, "q")[4][mask[4]], atol=1e-5, rtol=0)
+    assert (again[4] - mixed[4]).abs().max() > 1e-4
     # a stack applies its levels in turn: the LoRA under the bottleneck changes the result
     lora_under = _run(model, x, family, ("lora", "q"))
     assert (lora_under - _run(model, x, family, "q")).abs().max() > 1e-4
