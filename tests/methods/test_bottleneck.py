@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import peft
 import pytest
@@ -230,3 +231,28 @@ def test_a_seeded_two_task_run_with_bottleneck_adapters_lowers_both_losses(tmp_p
         ups = [p for k, p in model.adapter_parameters(t).items() if k.endswith("up.weight")]
         assert any(p.abs().max() > 1e-4 for p in ups)  # the zero-initialised up-projections trained
     assert all(torch.equal(frozen[k], v) for k, v in model.base_parameters().items())
+
+
+def test_registry_publish_load_composer_use_and_the_cli_inspect(tmp_path):
+    from adapters_mtl.registry import AdapterRegistry
+    from adapters_mtl.serving.composer import Composer
+
+    model = _model("bert")
+    registry = AdapterRegistry(tmp_path / "reg")
+    ref = registry.publish(save_adapter(model, "h", tmp_path / "h"))
+    assert [r.ref for r in registry.list(method="bottleneck")] == [ref]
+    composer = Composer(AdapterModel(tiny("bert")), registry=registry)
+    assert composer.use(ref) == composer.active
+    x = batch(2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            composer.model(**x).last_hidden_state, _run(model, x, "bert", "h"), atol=0, rtol=0
+        )
+    # a damaged native config in the registry is never served: the card's checksum catches it
+    folder = Path(registry.resolve(ref).path)
+    (folder / "adapters_mtl_config.json").write_text(
+        json.dumps({"method": "bottleneck", "config": {"size": 2}})
+    )
+    assert registry.verify(ref)[ref] != "ok"
+    with pytest.raises(AdapterFileError, match="sha256"):
+        registry.load(AdapterModel(tiny("bert")), ref)
