@@ -17,7 +17,7 @@ from helpers import LORA_TARGETS, PAD, batch, output, tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters_mtl import AdapterModel, LoraConfig
+from adapters_mtl import AdapterModel, LoraConfig, PrefixConfig
 from adapters_mtl.files.folder import AdapterFileError, load_adapter, read_adapter, save_adapter
 from adapters_mtl.methods import BottleneckConfig
 from adapters_mtl.methods.bottleneck import BottleneckLayer
@@ -79,8 +79,12 @@ def test_houlsby_adapts_attention_and_feed_forward_pfeiffer_only_the_feed_forwar
 @pytest.mark.parametrize("family", FAMILIES)
 def test_routed_rows_equal_each_alone_with_stacks(family):
     model = _model(family)
-    x = batch(6, 7, pad=PAD[family])
-    rows = ["h", None, "p", ("lora", "q"), "q", ("p", "h")]
+    x = batch(8, 7, pad=PAD[family])
+    model.add_adapter("pre", PrefixConfig(num_virtual_tokens=3))  # prefix rows and stacks in the same batch
+    with torch.no_grad():
+        for p in model.adapter_parameters("pre").values():
+            p.normal_(0, 0.5)
+    rows = ["h", None, "p", ("lora", "q"), "q", ("p", "h"), "pre", ("lora", "pre", "h")]
     mixed = _run(model, x, family, rows)
     mask = x["attention_mask"].bool()
     for i, entry in enumerate(rows):
