@@ -8,7 +8,7 @@ corpora. See the README's "Layout" section.
 from . import _moved
 from .core.config import HeadConfig
 from .core.heads import HeadOutput
-from .methods import BottleneckConfig, IA3Config, LoraConfig, PrefixConfig, register_method
+from .methods import BottleneckConfig, IA3Config, LoraConfig, PrefixConfig, PromptConfig, register_method
 from .model import AdapterModel, AdapterOutput
 
 __version__ = "0.1.0"
@@ -22,6 +22,7 @@ __all__ = [
     "IA3Config",
     "LoraConfig",
     "PrefixConfig",
+    "PromptConfig",
     "__version__",
     "register_method",
 ]

@@ -18,6 +18,8 @@ from .lora import LoraLayer, LoraMethod
 from .lora_config import LoraConfig
 from .prefix import PrefixMethod
 from .prefix_config import PrefixConfig
+from .prompt import PromptMethod
+from .prompt_config import PromptConfig
 
 __all__ = [
     "METHODS",
@@ -30,6 +32,7 @@ __all__ = [
     "Method",
     "MethodConfig",
     "PrefixConfig",
+    "PromptConfig",
     "get_method",
     "method_for_peft_config",
     "register_method",
@@ -139,4 +142,5 @@ def to_native(config: Any) -> tuple[Any, ...]:
 register_method(LoraMethod)
 register_method(PrefixMethod)
 register_method(IA3Method)
+register_method(PromptMethod)
 register_method(BottleneckMethod)

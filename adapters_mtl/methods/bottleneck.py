@@ -208,7 +208,7 @@ class BottleneckLayer(nn.Module):
             "down.bias": stacked("down.bias", like.new_zeros(width)),
             "up.weight": stacked("up.weight", like.new_zeros(d, width)),  # (n, d, width)
             "up.bias": stacked("up.bias", like.new_zeros(d)),
-            "scale": torch.tensor(
+            "scaling": torch.tensor(
                 [self.config[n].scaling if n is not None else 0.0 for n in names],
                 dtype=like.dtype,
                 device=like.device,
@@ -239,7 +239,7 @@ class BottleneckLayer(nn.Module):
         down, down_b = tables["down.weight"][inv], tables["down.bias"][inv]  # (B, width, d), (B, width)
         z = ACTIVATIONS[act](torch.baddbmm(down_b[:, None, :], z, down.transpose(1, 2)))
         up, up_b = tables["up.weight"][inv], tables["up.bias"][inv]  # (B, d, width), (B, d)
-        scale = tables["scale"][inv].view(-1, 1, 1)
+        scale = tables["scaling"][inv].view(-1, 1, 1)
         return scale * torch.baddbmm(up_b[:, None, :], z, up.transpose(1, 2))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
