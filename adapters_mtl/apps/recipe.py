@@ -67,6 +67,19 @@ def _build(cls: type, fields: Any, where: str, problems: list[str]) -> Any:
         return None
 
 
+def _beside(recipe: Path, source: str) -> str:
+    """A file or folder source relative to the recipe's folder when it exists only there."""
+    src = Path(source)
+    if (
+        not src.is_absolute()
+        and not src.exists()
+        and (recipe.parent / src).exists()
+        and not source.startswith("hub:")
+    ):
+        return str(recipe.parent / src)
+    return source
+
+
 def _adapter_configs(adapter: Any, where: str, problems: list[str]) -> list:
     """``{<method>: {...}, ...}`` (e.g. ``{lora: {...}, prefix: {...}}``) → native configs, one per method
     registered in :mod:`adapters_mtl.methods`; ``none`` → [] (head-only adapters)."""
@@ -139,9 +152,14 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict:
         configs = _adapter_configs(own, f"tasks[{i}].adapter", problems) if own is not None else default
         if spec is None:
             continue
-        src = Path(spec.source)
-        if src.suffix and not src.is_absolute() and not src.exists() and (path.parent / src).exists():
-            object.__setattr__(spec, "source", str(path.parent / src))  # sources relative to the recipe
+        # file sources (and each split's) may be written relative to the recipe
+        source = spec.source
+        resolved = (
+            {k: _beside(path, v) for k, v in source.items()}
+            if isinstance(source, dict)
+            else _beside(path, source)
+        )
+        object.__setattr__(spec, "source", resolved)
         if spec.name in adapters:
             problems.append(f"tasks[{i}]: a second task named {spec.name!r}; task names must be unique")
         tasks.append(spec)

