@@ -1,5 +1,7 @@
-"""LoRA (Hu et al. 2021) as a method: target matching, slots, per-row selection, merging, and PEFT's
-saved layout (``base_model.model.<module path>.lora_A.weight`` (r, in), ``...lora_B.weight`` (out, r)).
+"""LoRA (Hu et al. 2021) and DoRA (Liu et al. 2024, ``LoraConfig(use_dora=True)``) as a method: target
+matching, slots, per-row selection, merging, and PEFT's saved layout
+(``base_model.model.<module path>.lora_A.weight`` (r, in), ``...lora_B.weight`` (out, r), and for DoRA
+``...lora_magnitude_vector`` (out,)).
 
 PEFT's own ``get_peft_model_state_dict`` needs a ``PeftModel``; our layers are not PEFT's, so the key
 mapping is written here (a few lines, no copy of PEFT code).
@@ -31,6 +33,11 @@ class LoraMethod(Method):
     Slots are global to the model (adapter ``n`` has the same slot in every layer), so a batch's
     routing is computed once per call, not once per layer. Selection: an int (one slot for every row;
     0 = none), :class:`MixedRows`, or a tuple of those (a stack: one per level).
+
+    DoRA adapters share the slots and the routing; in a stack every level's update is relative to the
+    frozen base weight (a DoRA level adds ``m/‖W+s·B·A‖·(W+s·B·A) − W``), and a stack holds at most one
+    DoRA adapter. They have no low-rank ``factors`` (merging several adapters into one refuses them) and
+    keep the ordinary path under static routing.
     """
 
     name = "lora"
@@ -47,6 +54,8 @@ class LoraMethod(Method):
         self._free: list[int] = []
         self._next = 1  # slot 0 = no LoRA
         self._merged: str | None = None
+        self.dora: set[str] = set()  # the DoRA adapters (LoraConfig(use_dora=True))
+        self._dora_slots: set[int] = set()  # and their slots
 
     # ---------------------------------------------------------------- targets
     def _candidates(self) -> dict[str, nn.Module]:
@@ -127,22 +136,31 @@ class LoraMethod(Method):
         for path in paths:
             r = config.rank_pattern.get(get_pattern_key(list(config.rank_pattern), path), config.r)
             alpha = config.alpha_pattern.get(get_pattern_key(list(config.alpha_pattern), path), config.alpha)
-            self._wrap(path).add(name, slot, r, config.scaling(r, alpha), config.dropout, config.init)
+            self._wrap(path).add(
+                name, slot, r, config.scaling(r, alpha), config.dropout, config.init, config.use_dora
+            )
         # every layer's stacks span every slot (zeros where the adapter has no weights), so a mixed
         # batch can gather any row's slot in any layer
         for layer in self.layers.values():
             layer.grow(self._next, 1)
         self.slot[name], self.targets[name] = slot, paths
+        if config.use_dora:
+            self.dora.add(name)
+            self._dora_slots.add(slot)
 
     @override
     def remove(self, name: str) -> None:
         for path in self.targets.pop(name):
             self.layers[path].remove(name)
-        self._free.append(self.slot.pop(name))
+        slot = self.slot.pop(name)
+        self._free.append(slot)
+        self.dora.discard(name)
+        self._dora_slots.discard(slot)
 
     @override
     def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
-        """``{"<module path>.lora_A": A, "<module path>.lora_B": B}`` for every targeted module."""
+        """``{"<module path>.lora_A": A, "<module path>.lora_B": B}`` for every targeted module, and
+        ``"<module path>.lora_magnitude_vector": m`` for a DoRA adapter."""
         out: dict[str, nn.Parameter] = {}
         for path in self.targets[name]:
             for key, p in self.layers[path].adapter_params(name).items():
@@ -156,9 +174,29 @@ class LoraMethod(Method):
         """Turn one entry per row (a name, None, or a tuple = a stack) into this method's routing.
 
         A stack becomes one level per position (level k holds each row's k-th LoRA adapter); layers add
-        the levels' updates, so ("shared", "news") computes W·x + Δshared·x + Δnews·x.
+        the levels' updates, so ("shared", "news") computes W·x + Δshared·x + Δnews·x (a DoRA adapter's
+        Δ is relative to the base weight: m/‖W+s·B·A‖·(W+s·B·A) − W).
+
+        Raises:
+            ValueError: a stack holds more than one DoRA adapter.
         """
+        if self.dora:
+            self._check_dora_stacks(names)
         return slot_selection(names, self.slot, self._device)
+
+    def _check_dora_stacks(self, names: Sequence[str | tuple[str, ...] | None]) -> None:
+        # Two DoRA levels would each rescale the base weight's output channels; whether they compose
+        # relative to the base or one after the other has no agreed answer, so refuse the ambiguity.
+        bad = sorted(
+            {e for e in names if isinstance(e, tuple) and sum(n in self.dora for n in e) > 1}, key=str
+        )
+        if bad:
+            raise ValueError(
+                f"stack(s) {bad} hold more than one DoRA adapter (LoraConfig(use_dora=True)); a stack may hold "
+                "at most one DoRA adapter (each rescales the base weight's output channels, and two "
+                "rescalings of one weight have no single meaning). Stack one DoRA adapter with plain LoRA "
+                "adapters, or route the DoRA adapters to different rows."
+            )
 
     def _device(self) -> torch.device:
         layer = next(iter(self.layers.values()), None)
@@ -210,15 +248,32 @@ class LoraMethod(Method):
     @override
     def static_selection(self, selection: object, slot: StaticSlot, merged: bool) -> object:
         """One slot for every row held in ``slot`` (written in place: a compiled model reads it as data);
-        stacks and mixed rows keep the ordinary path."""
+        stacks, mixed rows and a DoRA adapter keep the ordinary path (a DoRA adapter rescales the output
+        channels with a per-adapter norm, which the full-rank static path does not compute; a compiled
+        model then recompiles when switching to or from it). A merged DoRA adapter is in the base weights,
+        so it takes the static path's empty slot like any merged adapter."""
         if not isinstance(selection, int):
+            return selection
+        if not merged and selection in self._dora_slots:
             return selection
         slot.slot.fill_(0 if merged else selection)
         return slot
 
     @override
     def factors(self, name: str, state: Mapping[str, torch.Tensor] | None = None) -> Factors:
-        """``{module path: (A, B, scale)}``; ``state`` keys as :meth:`adapter_params`."""
+        """``{module path: (A, B, scale)}``; ``state`` keys as :meth:`adapter_params`.
+
+        Raises:
+            ValueError: ``name`` is a DoRA adapter: its update m/‖W+s·B·A‖·(W+s·B·A) − W is not s·B·A.
+        """
+        if name in self.dora:
+            raise ValueError(
+                f"adapter {name!r} is a DoRA adapter (LoraConfig(use_dora=True)): its weight update "
+                "m/‖W+s·B·A‖·(W+s·B·A) − W rescales the base weight's output channels, so it has no low-rank "
+                "factors (A, B, scale) to merge with other adapters, fold a stack into, or compose. Merge it "
+                f"into the base weights alone with model.merge({name!r}), or train a plain LoRA adapter "
+                "(use_dora=False) to combine it with others."
+            )
         out: Factors = {}
         for path in self.targets[name]:
             layer = self.layers[path]
@@ -245,7 +300,8 @@ class LoraMethod(Method):
     @override
     @classmethod
     def check_peft_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> list[str]:
-        """LoRA factors come in (A, B) pairs of 2-D tensors whose ranks agree (the base checks the rest)."""
+        """LoRA factors come in (A, B) pairs of 2-D tensors whose ranks agree, and a DoRA magnitude vector
+        is 1-D with one value per output channel of its module's B (the base checks the rest)."""
         embedding = sorted(k for k in tensors if re.search(r"\.lora_embedding_[AB](\.weight)?$", k))
         if embedding:
             return [
@@ -254,13 +310,19 @@ class LoraMethod(Method):
                 "in target_modules, or serve it with PEFT"
             ]
         pairs: dict[str, dict[str, torch.Tensor]] = {}
+        magnitudes: dict[str, torch.Tensor] = {}
         problems: list[str] = []
         for key, t in tensors.items():
             m = re.match(r"^(.+)\.lora_([AB])\.weight$", key)
-            if not m:
-                problems.append(f"unexpected key {key!r} (expected <module>.lora_A.weight / .lora_B.weight)")
-                continue
-            pairs.setdefault(m[1], {})[m[2]] = t
+            if m:
+                pairs.setdefault(m[1], {})[m[2]] = t
+            elif m := re.match(rf"^(.+)\.{_MAGNITUDE}(\.weight)?$", key):
+                magnitudes[m[1]] = t
+            else:
+                problems.append(
+                    f"unexpected key {key!r} (expected <module>.lora_A.weight / .lora_B.weight, or DoRA's "
+                    f"<module>.{_MAGNITUDE})"
+                )
         for module, ab in sorted(pairs.items()):
             if set(ab) != {"A", "B"}:
                 problems.append(f"{module} has lora_{''.join(ab)} but not its partner")
@@ -268,6 +330,15 @@ class LoraMethod(Method):
                 problems.append(
                     f"{module}: lora_A {tuple(ab['A'].shape)} and lora_B {tuple(ab['B'].shape)} are not "
                     "(r, in) and (out, r) with the same r"
+                )
+        for module, mag in sorted(magnitudes.items()):
+            B = pairs.get(module, {}).get("B")
+            if B is None:
+                problems.append(f"{module} has a DoRA {_MAGNITUDE} but no lora_A/lora_B pair")
+            elif mag.dim() != 1 or B.dim() != 2 or mag.shape[0] != B.shape[0]:
+                problems.append(
+                    f"{module}: {_MAGNITUDE} {tuple(mag.shape)} is not (out,) with out = lora_B's "
+                    f"{B.shape[0] if B.dim() == 2 else '?'} output channels"
                 )
         return problems
 
@@ -281,10 +352,12 @@ class LoraMethod(Method):
 
     @override
     def peft_state(self, name: str) -> dict[str, torch.Tensor]:
-        return {
-            f"{PEFT_PREFIX}{key}.weight": p.detach().contiguous().clone()
-            for key, p in self.adapter_params(name).items()
-        }
+        # PEFT saves A and B as <path>.lora_A.weight, DoRA's magnitude as <path>.lora_magnitude_vector
+        out: dict[str, torch.Tensor] = {}
+        for key, p in self.adapter_params(name).items():
+            suffix = "" if key.endswith(_MAGNITUDE) else ".weight"
+            out[f"{PEFT_PREFIX}{key}{suffix}"] = p.detach().contiguous().clone()
+        return out
 
     @override
     @torch.no_grad()
@@ -309,6 +382,9 @@ class LoraMethod(Method):
             for target, tensor in plan:
                 target.copy_(tensor.to(target.dtype))
         return problems
+
+
+_MAGNITUDE = "lora_magnitude_vector"  # DoRA's magnitude: the parameter's and PEFT's saved name
 
 
 def _excluded(path: str) -> bool:

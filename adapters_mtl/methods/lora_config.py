@@ -1,4 +1,4 @@
-"""LoRA's config (Hu et al. 2021), PEFT's ``LoraConfig`` both ways."""
+"""LoRA's config (Hu et al. 2021; DoRA, Liu et al. 2024, with ``use_dora``), PEFT's ``LoraConfig`` both ways."""
 
 from __future__ import annotations
 
@@ -31,6 +31,12 @@ class LoraConfig:
             that are loaded right after).
         layers_to_transform: only these layer indices (PEFT semantics).
         exclude: module names (suffixes) or a regex never to target (PEFT's ``exclude_modules``).
+        use_dora: DoRA (weight-decomposed LoRA, PEFT's ``use_dora``): each output channel of the adapted
+            weight is rescaled to a trained magnitude, ``W' = m/‖W + s·B·A‖·(W + s·B·A)`` (the norm per
+            output channel, treated as a constant in backward as in the paper), with ``m`` starting at
+            ``‖W + s·B·A‖`` (so the adapter starts as plain LoRA). A DoRA adapter cannot be combined
+            with other adapters into one LoRA (``merge_adapters``, stack folding); a stack may hold at
+            most one DoRA adapter.
 
     ``targets="all-linear"`` targets every Linear/Conv1D but the output layer, as in PEFT.
     """
@@ -45,6 +51,7 @@ class LoraConfig:
     init: str = "default"
     layers_to_transform: tuple[int, ...] | None = None
     exclude: tuple[str, ...] | str | None = None
+    use_dora: bool = False
     method: str = field(default="lora", init=False)
 
     def __post_init__(self) -> None:
@@ -57,6 +64,8 @@ class LoraConfig:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in ("default", "gaussian", "random", "zeros"):
             problems.append(f"init must be 'default', 'gaussian', 'random' or 'zeros', got {self.init!r}")
+        if not isinstance(self.use_dora, bool):
+            problems.append(f"use_dora must be True or False, got {self.use_dora!r}")
         for key, rank in dict(self.rank_pattern).items():
             if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
                 problems.append(f"rank_pattern[{key!r}] must be a positive int, got {rank!r}")
@@ -91,6 +100,7 @@ class LoraConfig:
             alpha_pattern=dict(self.alpha_pattern),
             layers_to_transform=list(self.layers_to_transform) if self.layers_to_transform else None,
             exclude_modules=list(self.exclude) if isinstance(self.exclude, tuple) else self.exclude,
+            use_dora=self.use_dora,
             **extra,
         )
 
@@ -98,8 +108,6 @@ class LoraConfig:
     def from_peft(cls, cfg: Any) -> LoraConfig:
         """Build from a ``peft.LoraConfig``; refuses options this library does not implement."""
         unsupported = []
-        if getattr(cfg, "use_dora", False):
-            unsupported.append("use_dora=True")
         if getattr(cfg, "bias", "none") != "none":
             unsupported.append(f"bias={cfg.bias!r}")
         if getattr(cfg, "modules_to_save", None):
@@ -149,4 +157,5 @@ class LoraConfig:
             exclude=tuple(sorted(cfg.exclude_modules))
             if isinstance(cfg.exclude_modules, (set, list))
             else cfg.exclude_modules,
+            use_dora=getattr(cfg, "use_dora", False),
         )

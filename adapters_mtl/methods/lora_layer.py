@@ -1,4 +1,4 @@
-"""LoRA layer: every adapter's A/B for one Linear (or GPT-2 Conv1D), routed per row.
+"""LoRA layer: every adapter's A/B for one Linear (or GPT-2 Conv1D), routed per row; DoRA adapters too.
 
 Storage: each adapter's ``A`` (r, in) and ``B`` (out, r) are ``nn.Parameter`` views into two stacked
 tensors ``stack_A`` (S, r_max, in) and ``stack_B`` (S, out, r_max), one slot per adapter (slot 0 is
@@ -6,6 +6,13 @@ always zero = "no LoRA"). The views make each adapter a normal parameter for opt
 gradients, while inference gathers rows straight from the stacks without copying per call.
 We write this by hand because PEFT's per-row path (``adapter_names``) loops over adapters in Python
 and keeps no stacked storage; see README "Routing algorithm".
+
+DoRA (Liu et al. 2024, PEFT's ``use_dora``): a DoRA adapter also has a magnitude vector ``m`` (out,), a
+parameter of its own (``lora_magnitude_vector[name]``), and its weight is ``W' = g·(W + s·B·A)`` with
+``g = m/‖W + s·B·A‖`` per output channel. Its update of the output is ``(g − 1)·W·x + g·s·B·A·x``, computed
+for the rows routed to it (``g = 1`` on every other row, so the same expression adds plain LoRA rows'
+updates unchanged). The norm is a constant for backward (detached, as in the paper and PEFT) and is
+cached per adapter outside training. A layer that holds no DoRA adapter runs the plain LoRA code.
 """
 
 from __future__ import annotations
@@ -66,6 +73,7 @@ class LoraLayer(nn.Module):
         )
         self.lora_A = nn.ParameterDict()  # name -> (r, in), a view into stack_A
         self.lora_B = nn.ParameterDict()  # name -> (out, r), a view into stack_B
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only: name -> m (out,)
         self.register_buffer("stack_A", w.new_zeros(1, 1, self.in_features, dtype=dtype), persistent=False)
         self.register_buffer("stack_B", w.new_zeros(1, self.out_features, 1, dtype=dtype), persistent=False)
         self.register_buffer("scales", torch.zeros(1, device=w.device), persistent=False)  # fp32 always
@@ -74,8 +82,12 @@ class LoraLayer(nn.Module):
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self._name_of_slot: dict[int, str] = {}
+        self._dora_slots: set[int] = set()  # slots of the DoRA adapters (empty: the plain LoRA path)
+        # DoRA: name -> (what the norm was computed from, ‖W + s·B·A‖ (out,)); see _weight_norm
+        self._norms: dict[str, tuple[tuple[Any, ...], torch.Tensor]] = {}
         self.merged: str | None = None
         self._original: list[nn.Parameter] = []  # the weight set aside by merge (a list: not registered)
+        self._merged_norm: torch.Tensor | None = None  # DoRA merged in place: the norm unmerge divides by
         object.__setattr__(self, "_route", route)  # shared, not a submodule
         self.register_load_state_dict_post_hook(LoraLayer._after_load)
 
@@ -107,6 +119,7 @@ class LoraLayer(nn.Module):
         self._repoint()
 
     def _repoint(self) -> None:
+        self._norms.clear()  # the stacks (or their values) were replaced
         for name, slot in self.slots.items():
             r = self.ranks[name]
             self.lora_A[name].data = self.stack_A[slot, :r]
@@ -131,6 +144,8 @@ class LoraLayer(nn.Module):
         self.scales = self.scales.float()  # scales stay fp32 whatever the model's dtype
         if self._original:  # the weight set aside by merge() follows the module's device/dtype too
             self._original = [nn.Parameter(fn(self._original[0]), requires_grad=False)]
+        if self._merged_norm is not None:
+            self._merged_norm = fn(self._merged_norm)
         self._resync()
         return self
 
@@ -142,8 +157,11 @@ class LoraLayer(nn.Module):
     def _after_load(module: LoraLayer, _incompatible_keys: object) -> None:
         module._resync()
 
-    def add(self, name: str, slot: int, r: int, scaling: float, dropout: float, init: str) -> None:
-        """Allocate ``name`` at global ``slot`` with rank ``r`` and scale ``scaling``."""
+    def add(
+        self, name: str, slot: int, r: int, scaling: float, dropout: float, init: str, dora: bool = False
+    ) -> None:
+        """Allocate ``name`` at global ``slot`` with rank ``r`` and scale ``scaling``; with ``dora``, also its
+        magnitude vector, initialised to ``‖W + s·B·A‖`` per output channel (the adapter starts as LoRA)."""
         if name in self.slots:
             raise ValueError(f"adapter {name!r} already exists in this layer")
         self.grow(slot + 1, r)
@@ -167,6 +185,11 @@ class LoraLayer(nn.Module):
         self.slots[name], self.ranks[name] = slot, r
         self.scaling[name], self.dropout[name] = scaling, dropout
         self._name_of_slot[slot] = name
+        if dora:
+            self.lora_magnitude_vector[name] = nn.Parameter(
+                self.weight_norm(name, self.stack_A.dtype).clone()
+            )
+            self._dora_slots.add(slot)
 
     def remove(self, name: str) -> None:
         """Free ``name``'s slot (zeroed so stale values can never be gathered)."""
@@ -179,14 +202,68 @@ class LoraLayer(nn.Module):
             self.stack_B[slot].zero_()
             self.scales[slot] = 0
         del self.ranks[name], self.scaling[name], self.dropout[name], self._name_of_slot[slot]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
+            self._dora_slots.discard(slot)
+            self._norms.pop(name, None)
 
     def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
-        """The parameters that make up ``name`` in this layer (as declared, not matched by name)."""
-        return {"lora_A": self.lora_A[name], "lora_B": self.lora_B[name]}
+        """The parameters that make up ``name`` in this layer (as declared, not matched by name): ``lora_A``,
+        ``lora_B`` and, for a DoRA adapter, ``lora_magnitude_vector``."""
+        out = {"lora_A": self.lora_A[name], "lora_B": self.lora_B[name]}
+        if name in self.lora_magnitude_vector:
+            out["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+        return out
+
+    def is_dora(self, name: str) -> bool:
+        """Whether ``name`` is a DoRA adapter here."""
+        return name in self.lora_magnitude_vector
+
+    # ----------------------------------------------------------------- DoRA
+    def weight_norm(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """DoRA's ``‖W + s·B·A‖`` of adapter ``name`` per output channel (out,), detached, computed in
+        ``dtype`` (default: the adapters' dtype) as PEFT does.
+
+        Cached outside training (nothing that needs gradients of A or B): the cache is keyed on the base
+        weight and the factors (their storage and ``_version`` counters, which every in-place update
+        bumps: optimizer steps, ``copy_`` of a load), and cleared whenever the stacks are replaced.
+        Values written through ``.data`` bypass the counters: call :meth:`clear_dora_cache` after that.
+        """
+        A, B = self.lora_A[name], self.lora_B[name]
+        w = cast(torch.Tensor, self.base_layer.weight)
+        dtype = dtype or self.stack_A.dtype
+        cacheable = not (torch.is_grad_enabled() and (A.requires_grad or B.requires_grad))
+        # in-place updates bump _version (no public API; files.fingerprint keys its cache the same way)
+        key = tuple((t.data_ptr(), t._version) for t in (w, A, B)) + (dtype,)  # noqa: SLF001
+        if cacheable:
+            hit = self._norms.get(name)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+        with torch.no_grad():
+            W = w.to(dtype)
+            W = W.T if self.fan_in_fan_out else W  # (out, in)
+            norm = torch.linalg.norm(W + self.scaling[name] * (B.to(dtype) @ A.to(dtype)), dim=1)
+        if cacheable:
+            self._norms[name] = (key, norm)
+        return norm
+
+    def clear_dora_cache(self) -> None:
+        """Forget the cached DoRA weight norms (needed only after values were written through ``.data``)."""
+        self._norms.clear()
+
+    def _dora_scale(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """``g = m/‖W + s·B·A‖`` (out,): gradients reach ``m``, never the norm."""
+        return self.lora_magnitude_vector[name].to(dtype) / self.weight_norm(name, dtype)
+
+    def _base_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``W·x`` without the bias, in ``x``'s dtype (the base term of a DoRA row whose input was dropped out)."""
+        W = cast(torch.Tensor, self.base_layer.weight).to(x.dtype)
+        return F.linear(x, W.T if self.fan_in_fan_out else W)
 
     # ----------------------------------------------------------------- merging
     def delta_weight(self, name: str) -> torch.Tensor:
-        """``s·B·A`` in the base weight's layout ((out, in) for Linear, (in, out) for Conv1D)."""
+        """``s·B·A`` in the base weight's layout ((out, in) for Linear, (in, out) for Conv1D); for a DoRA
+        adapter the low-rank part only (its merged weight also rescales the output channels)."""
         delta = (self.lora_B[name] @ self.lora_A[name]) * self.scaling[name]
         return delta.T if self.fan_in_fan_out else delta
 
@@ -204,6 +281,20 @@ class LoraLayer(nn.Module):
         if self.merged is not None:
             raise RuntimeError(f"adapter {self.merged!r} is already merged here; unmerge() first")
         w = cast(nn.Parameter, self.base_layer.weight)
+        if self.is_dora(name):  # W' = g·(W + s·B·A), g per output channel from the unmerged W
+            delta = self.delta_weight(name)
+            norm = self.weight_norm(name, delta.dtype)
+            g = self.lora_magnitude_vector[name].to(delta.dtype) / norm
+            g = g.view(1, -1) if self.fan_in_fan_out else g.view(-1, 1)  # over the output channels
+            new = (g * (w.to(delta.dtype) + delta)).to(w.dtype)
+            if keep_original:
+                self._original = [w]
+                self.base_layer.weight = nn.Parameter(new, requires_grad=False)
+            else:
+                self._merged_norm = norm
+                w.copy_(new)
+            self.merged = name
+            return
         delta = self.delta_weight(name).to(w.dtype)
         if keep_original:
             self._original = [w]
@@ -219,6 +310,13 @@ class LoraLayer(nn.Module):
             return
         if self._original:
             self.base_layer.weight = self._original.pop()
+        elif self._merged_norm is not None:  # DoRA in place: W = W'/g − s·B·A (exact up to round-off)
+            w = cast(nn.Parameter, self.base_layer.weight)
+            delta = self.delta_weight(self.merged)
+            g = self.lora_magnitude_vector[self.merged].to(delta.dtype) / self._merged_norm
+            g = g.view(1, -1) if self.fan_in_fan_out else g.view(-1, 1)
+            w.copy_((w.to(delta.dtype) / g - delta).to(w.dtype))
+            self._merged_norm = None
         else:
             w = cast(nn.Parameter, self.base_layer.weight)
             w.sub_(self.delta_weight(self.merged).to(w.dtype))
@@ -238,10 +336,12 @@ class LoraLayer(nn.Module):
         # computed in the adapters' dtype (fp32 on a half-precision base, as PEFT's autocast_adapter_dtype),
         # added to the output in its own; a no-op when the two agree
         x = x.to(self.stack_A.dtype)
-        if isinstance(sel, StaticSlot):
+        if isinstance(sel, StaticSlot):  # never a DoRA slot (LoraMethod.static_selection)
             if not (self.training and torch.is_grad_enabled()):
                 return out + self._static_delta(x, sel.slot).to(out.dtype)
             sel = int(sel.slot)  # training: the ordinary path, so gradients reach the adapter's parameters
+        if self._dora_slots and _routes(sel, self._dora_slots):
+            return self._forward_dora(x, sel, out)
         if isinstance(sel, tuple):  # a stack: the levels' updates add up
             for level in sel:
                 out = out + self._delta(x, level, out.dtype)
@@ -267,6 +367,53 @@ class LoraLayer(nn.Module):
             return self._grouped(x, rows).to(dtype)
         return self._gathered(x, rows).to(dtype)
 
+    def _forward_dora(
+        self, x: torch.Tensor, sel: int | MixedRows | tuple[int | MixedRows, ...], out: torch.Tensor
+    ) -> torch.Tensor:
+        """The output when some row uses a DoRA adapter here. Every level of a stack adds its update
+        relative to the frozen base weight, so a DoRA level adds ``(g − 1)·W·x + g·s·B·A·x``."""
+        bias = cast("torch.Tensor | None", self.base_layer.bias)
+        base = (out if bias is None else out - bias).to(x.dtype)  # (..., out): W·x, as PEFT reads it
+        result = out
+        for level in sel if isinstance(sel, tuple) else (sel,):
+            if _routes(level, self._dora_slots):
+                result = result + self._dora_delta(x, level, base, out.dtype)
+            else:
+                result = result + self._delta(x, level, out.dtype)
+        return result
+
+    def _dora_delta(
+        self, x: torch.Tensor, sel: int | MixedRows, base: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor | float:
+        """The update of one routing level that routes some row to a DoRA adapter (``base``: W·x)."""
+        if isinstance(sel, int):
+            name = self._name_of_slot[sel]
+            if name == self.merged:
+                return 0.0
+            xd = self._dropout(x, self.dropout[name])
+            h = F.linear(xd, self.lora_A[name].to(x.dtype))  # (..., r)
+            lora = F.linear(h, self.lora_B[name].to(x.dtype)) * self.scaling[name]  # (..., out)
+            g: torch.Tensor = self._dora_scale(name, x.dtype)  # (out,)
+        else:
+            if self.merged is not None:
+                return self._delta(x, sel, dtype)  # raises: a merged adapter cannot be routed per row
+            rows = sel.for_batch(x.shape[0])
+            # one dropout mask for the LoRA and the base term of a row, as PEFT's DoRA
+            xd = self._rows_dropout(x, rows) if self.training else x
+            if self._route.strategy == "group":
+                lora = self._grouped(xd, rows, drop=False)
+            else:
+                lora = self._gathered(xd, rows, drop=False)
+            # g per distinct slot (1 for plain LoRA and no adapter), then per row: (B, 1, ..., out)
+            ones = x.new_ones(self.out_features)
+            g_u = [
+                self._dora_scale(self._name_of_slot[s], x.dtype) if s in self._dora_slots else ones
+                for s in rows.uniq
+            ]
+            g = torch.stack(g_u)[rows.inv].view(x.shape[0], *([1] * (x.dim() - 2)), self.out_features)
+        b = base if xd is x else self._base_linear(xd)  # dropped-out input: W·dropout(x), as PEFT
+        return ((g - 1) * b + g * lora).to(dtype)
+
     def _static_delta(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """The update of the slot held in ``slot`` (a tensor), at full stack rank, without Python branching
         on which adapter it is (slot 0 and freed slots are zeros)."""
@@ -275,8 +422,20 @@ class LoraLayer(nn.Module):
         A, B = _common_rank(A, B, 0, 1)
         return F.linear(F.linear(x, A), B) * self.scales.index_select(0, slot).to(x.dtype)
 
-    def _gathered(self, x: torch.Tensor, rows: MixedRows) -> torch.Tensor:
-        """Gather each row's A/B, then two batched matmuls: cost independent of how many adapters."""
+    def _rows_dropout(self, x: torch.Tensor, rows: MixedRows) -> torch.Tensor:
+        """Each row's own adapter's LoRA dropout (inverted dropout, as F.dropout); ``x`` itself when no
+        routed adapter has dropout."""
+        p_u = [self.dropout.get(self._name_of_slot.get(s, ""), 0.0) for s in rows.uniq]
+        if not any(p > 0 for p in p_u):
+            return x
+        shape = (x.shape[0], *([1] * (x.dim() - 1)))
+        p_rows = torch.tensor(p_u, device=x.device, dtype=x.dtype)[rows.inv].view(shape)
+        keep = (torch.rand_like(x) >= p_rows).to(x.dtype) / (1 - p_rows)
+        return x * keep
+
+    def _gathered(self, x: torch.Tensor, rows: MixedRows, drop: bool = True) -> torch.Tensor:
+        """Gather each row's A/B, then two batched matmuls: cost independent of how many adapters
+        (``drop``: apply the rows' LoRA dropout in training)."""
         Bsz = x.shape[0]
         x3 = x.reshape(Bsz, -1, self.in_features)  # (B, T, in)
         needs_grad = torch.is_grad_enabled() and any(
@@ -306,33 +465,40 @@ class LoraLayer(nn.Module):
             B_rows = self.stack_B[rows.idx]  # (B, out, R)
             s_rows = self.scales[rows.idx]
             A_rows, B_rows = _common_rank(A_rows, B_rows, 1, 2)
-        if self.training:
-            # each row gets its own adapter's LoRA dropout (inverted dropout, as F.dropout)
-            p_u = [self.dropout.get(self._name_of_slot.get(s, ""), 0.0) for s in rows.uniq]
-            if any(p > 0 for p in p_u):
-                p_rows = torch.tensor(p_u, device=x.device, dtype=x.dtype)[rows.inv].view(Bsz, 1, 1)
-                keep = (torch.rand_like(x3) >= p_rows).to(x.dtype) / (1 - p_rows)
-                x3 = x3 * keep
+        if drop and self.training:
+            x3 = self._rows_dropout(x3, rows)
         h = torch.bmm(x3, A_rows.transpose(1, 2).to(x.dtype))  # (B, T, R)
         h = h * s_rows.to(x.dtype).view(Bsz, 1, 1)
         delta = torch.bmm(h, B_rows.transpose(1, 2).to(x.dtype))  # (B, T, out)
         return delta.reshape(*x.shape[:-1], self.out_features)
 
-    def _grouped(self, x: torch.Tensor, rows: MixedRows) -> torch.Tensor:
-        """One matmul per distinct adapter over its rows (index, compute, scatter back)."""
+    def _grouped(self, x: torch.Tensor, rows: MixedRows, drop: bool = True) -> torch.Tensor:
+        """One matmul per distinct adapter over its rows (index, compute, scatter back; ``drop``: apply
+        each adapter's LoRA dropout in training)."""
         delta = x.new_zeros(*x.shape[:-1], self.out_features)
         for s in rows.uniq:
             n = self._name_of_slot.get(s)
             if n is None:
                 continue
             sel = (rows.idx == s).nonzero(as_tuple=True)[0]
-            xs = self._dropout(x.index_select(0, sel), self.dropout[n])
+            xs = self._dropout(x.index_select(0, sel), self.dropout[n] if drop else 0.0)
             h = F.linear(xs, self.lora_A[n].to(x.dtype))
             delta.index_copy_(0, sel, F.linear(h, self.lora_B[n].to(x.dtype)) * self.scaling[n])
         return delta
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, adapters={list(self.slots)}, merged={self.merged}"
+
+
+def _routes(sel: LoraSelection, slots: set[int]) -> bool:
+    """Whether a selection routes some row to one of ``slots``."""
+    if isinstance(sel, int):
+        return sel in slots
+    if isinstance(sel, MixedRows):
+        return not slots.isdisjoint(sel.uniq)
+    if isinstance(sel, tuple):
+        return any(_routes(level, slots) for level in sel)
+    return False  # a StaticSlot: never a DoRA slot
 
 
 def _common_rank(

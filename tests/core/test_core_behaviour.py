@@ -192,8 +192,10 @@ def test_peft_configs_are_accepted():
     model.add_adapter("p", peft.PrefixTuningConfig(num_virtual_tokens=5, task_type="CAUSAL_LM"))
     (lora,) = model.adapter_config("l")
     assert (lora.r, lora.alpha, lora.targets) == (4, 8, ("q_proj", "v_proj"))
-    with pytest.raises(ValueError, match="use_dora=True"):
-        model.add_adapter("d", peft.LoraConfig(r=4, use_dora=True, target_modules=["q_proj"]))
+    model.add_adapter("d", peft.LoraConfig(r=4, use_dora=True, target_modules=["q_proj"]))  # DoRA is LoRA's
+    assert model.adapter_config("d")[0].use_dora
+    with pytest.raises(ValueError, match="lora_bias"):  # options we do not implement are still refused
+        model.add_adapter("b", peft.LoraConfig(r=4, lora_bias=True, target_modules=["q_proj"]))
 
 
 def test_adapters_added_after_eval_are_in_eval_mode():
