@@ -8,12 +8,21 @@ corpora. See the README's "Layout" section.
 from . import _moved
 from .core.config import HeadConfig
 from .core.heads import HeadOutput
-from .methods import BottleneckConfig, IA3Config, LoraConfig, PrefixConfig, PromptConfig, register_method
+from .methods import (
+    AdaLoraConfig,
+    BottleneckConfig,
+    IA3Config,
+    LoraConfig,
+    PrefixConfig,
+    PromptConfig,
+    register_method,
+)
 from .model import AdapterModel, AdapterOutput
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraConfig",
     "AdapterModel",
     "AdapterOutput",
     "BottleneckConfig",

@@ -204,6 +204,37 @@ class AdapterModel(nn.Module):
         if self.default_adapter == name:
             self.activate(None)
 
+    def attach_folded(self, name: str, into: str) -> str:
+        """Attach ``name`` in the form serving uses as adapter ``into`` (each part its method's
+        :meth:`~adapters_mtl.methods.Method.folded` form, e.g. AdaLoRA as a plain LoRA with per-module ranks;
+        other parts as they are), with a copy of ``name``'s head. The outputs are the same. Nothing stays
+        attached on error. Returns ``into``."""
+        self._check_known([name])
+        configs, states = [], {}
+        for cfg in self._configs[name]:
+            folded = self._methods[cfg.method].folded(name)
+            if folded is None:
+                configs.append(cfg)
+                states.update(
+                    {k: p.detach() for k, p in self._methods[cfg.method].adapter_params(name).items()}
+                )
+            else:
+                configs.append(folded[0])
+                states.update(folded[1])
+        head = self.head_config(name)
+        self.add_adapter(into, [self._method(c.method).loading_config(c) for c in configs], head=head)
+        try:
+            with torch.no_grad():
+                params = self.adapter_parameters(into)
+                for key, value in states.items():
+                    params[key].copy_(value)
+                if head is not None:
+                    self.heads[into].load_state_dict(self.heads[name].state_dict())
+        except Exception:
+            self.remove_adapter(into)
+            raise
+        return into
+
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """Every parameter of ``name`` (all methods and its head), keyed by a stable qualified name."""
         if name not in self.heads:
@@ -388,7 +419,8 @@ class AdapterModel(nn.Module):
         return None
 
     def merge(self, name: str, keep_original: bool = True) -> None:
-        """Fold ``name``'s LoRA into the base weights (W' = W + s·B·A) and activate it.
+        """Fold ``name``'s weight update into the base weights (LoRA: W' = W + s·B·A; DoRA:
+        W' = m/‖W + s·B·A‖·(W + s·B·A); IA3: scaled rows or columns) and activate it.
 
         Merging the merged adapter again is a no-op. While merged, only ``name`` (or its prefix part)
         can be used; ``unmerge()`` restores the weights (bit-exact with ``keep_original=True``).

@@ -74,6 +74,7 @@ __all__ = [
     "load_peft_state_dict",
     "read_card",
     "save_adapter",
+    "save_folded",
     "to_peft_state_dict",
     "check_files",
     "parse_card",
@@ -189,6 +190,23 @@ def save_adapter(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def save_folded(
+    model: AdapterModel,
+    name: str,
+    directory: str | os.PathLike[str],
+    into: str | None = None,
+    **save_kwargs: Any,
+) -> Path:
+    """Save ``name`` in the form serving uses (:meth:`AdapterModel.attach_folded`: e.g. an AdaLoRA adapter as
+    a plain LoRA folder with PEFT's ``rank_pattern``) under the adapter name ``into`` (default
+    ``<name>-folded``); ``save_kwargs`` as :func:`save_adapter`. Returns the folder."""
+    into = model.attach_folded(name, into or f"{name}-folded")
+    try:
+        return save_adapter(model, into, directory, **save_kwargs)
+    finally:
+        model.remove_adapter(into)
 
 
 @dataclasses.dataclass

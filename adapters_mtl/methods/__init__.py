@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from .adalora import AdaLoraMethod
+from .adalora_config import AdaLoraConfig
 from .base import Factors, KeyMap, Method, MethodConfig
 from .bottleneck import BottleneckMethod
 from .bottleneck_config import BottleneckConfig
@@ -23,6 +25,7 @@ from .prompt_config import PromptConfig
 
 __all__ = [
     "METHODS",
+    "AdaLoraConfig",
     "BottleneckConfig",
     "Factors",
     "IA3Config",
@@ -144,3 +147,4 @@ register_method(PrefixMethod)
 register_method(IA3Method)
 register_method(PromptMethod)
 register_method(BottleneckMethod)
+register_method(AdaLoraMethod)

@@ -139,6 +139,23 @@ class Method:
         layers, so ``base.named_parameters()`` lists both)."""
         return False
 
+    def training_loss(self, names: Sequence[str]) -> torch.Tensor | None:
+        """A term the trainer adds to each batch's loss before backward, for this method's adapters among
+        ``names`` (the adapters the batch routes to; others are ignored), e.g. AdaLoRA's orthogonality
+        regulariser. None: nothing to add."""
+        return None
+
+    def after_step(self, names: Sequence[str], global_step: int, total_steps: int) -> None:
+        """Called by the trainer after each optimiser step, before the gradients are zeroed, with every
+        adapter the run trains (``names``; others are ignored), the step just taken (counted from 1) and the
+        run's length in steps; e.g. AdaLoRA's rank allocation from the gradients still in ``.grad``."""
+
+    def folded(self, name: str) -> tuple[Any, dict[str, torch.Tensor]] | None:
+        """``name`` as an adapter of another method that computes the same outputs and is what serving
+        should use (AdaLoRA → a plain LoRA with per-module ranks): ``(that method's config, state keyed as
+        its adapter_params)``, or None when the method is served as it is."""
+        return None
+
     def added_positions(self, config: Any) -> int:
         """Positions an adapter of this ``config`` takes before the text (prefix tuning's virtual tokens),
         which a base with a fixed number of positions must have room for."""
@@ -158,7 +175,7 @@ class Method:
         naming the fields that are wrong."""
         fields = dict(data)
         try:
-            return cls.config_class(**fields)  # type: ignore[call-arg]
+            return cls.config_class(**fields)
         except TypeError as e:
             raise ValueError(f"invalid {cls.config_class.__name__} fields {sorted(fields)}: {e}") from e
 

@@ -247,6 +247,10 @@ class MultiTaskTrainer:
                 if self.acc.sync_gradients and self.cfg.max_grad_norm:
                     self.acc.clip_grad_norm_(list(self.trainable.values()), self.cfg.max_grad_norm)
                 self.optimizer.step()
+                if self.acc.sync_gradients:  # a real step, gradients still in .grad: methods' schedules
+                    trained = [*self.tasks, *([self.shared_name] if self.shared_name else [])]
+                    for method in self.model.methods:
+                        method.after_step(trained, self.global_step + 1, self.cfg.steps)
                 self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         row = {
@@ -265,7 +269,8 @@ class MultiTaskTrainer:
             self.acc.log({k: v for k, v in self.history[-1].items() if k != "step"}, step=self.global_step)
 
     def _losses(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Per-task losses, plus ``"adversary"`` (the discriminator's loss) with adversarial sharing."""
+        """Per-task losses, plus ``"adversary"`` (the discriminator's loss) with adversarial sharing and
+        ``"regulariser"`` (the methods' :meth:`~adapters_mtl.methods.Method.training_loss` terms)."""
         inputs, rows = batch.inputs, batch.rows
         adapters: list[str | tuple[str, str] | None] = [self._route(t) for t in rows]
         adversarial = self.step_module.discriminator is not None
@@ -280,21 +285,29 @@ class MultiTaskTrainer:
         if adversarial:
             task_ids = torch.tensor([list(self.tasks).index(t) for t in rows], device=disc_logits.device)
             losses["adversary"] = torch.nn.functional.cross_entropy(disc_logits.float(), task_ids)
+        routed = [n for a in adapters for n in (a if isinstance(a, tuple) else (a,)) if n is not None]
+        terms = [t for m in self.model.methods if (t := m.training_loss(routed)) is not None]
+        if terms:  # the methods' own terms for the routed adapters (e.g. AdaLoRA's regulariser)
+            losses["regulariser"] = torch.stack(terms).sum()
         return losses
 
     def _backward(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
         """Backward the step's losses (the weighting decides how); returns the task weights used."""
         adversary = losses.pop("adversary", None)
+        regulariser = losses.pop("regulariser", None)
         extra = self.cfg.adversarial_weight * adversary if adversary is not None else 0.0
+        extra = extra + regulariser if regulariser is not None else extra
         if self.weighting.weighted_sum:  # one weighted sum: backward through Accelerate (loss scaling)
             self.acc.backward(self.weighting.total(losses) + extra)
             weights = self.weighting.last
         else:  # gradient surgery / GradNorm work on per-task gradients themselves (they add to .grad)
-            if adversary is not None:
+            if isinstance(extra, torch.Tensor):
                 self.acc.backward(extra, retain_graph=True)
             weights = self.weighting.backward(losses, self.shared)
         if adversary is not None:
             losses["adversary"] = adversary
+        if regulariser is not None:
+            losses["regulariser"] = regulariser
         return weights
 
     def _stop_requested(self, stop: StopRequest) -> bool:
@@ -391,6 +404,15 @@ def _check_tasks(model: AdapterModel, tasks: dict[str, TaskData]) -> None:
         )
 
 
+def _foldable(model: AdapterModel, name: str) -> bool:
+    """Whether ``name`` is a low-rank weight update the stacks can be folded with (checked per adapter:
+    a DoRA adapter is LoRA's method but no plain low-rank update)."""
+    try:
+        return model.has_factors(name) and bool(model.factors(name))
+    except ValueError:
+        return False
+
+
 def _check_sharing(model: AdapterModel, tasks: dict[str, TaskData], sharing: str, name: str) -> None:
     if name not in model.adapter_names:
         raise ValueError(
@@ -399,7 +421,7 @@ def _check_sharing(model: AdapterModel, tasks: dict[str, TaskData], sharing: str
         )
     if name in tasks or name in model.heads:
         raise ValueError(f"the shared adapter {name!r} must not be a task and must not have a head")
-    not_lora = [n for n in [name, *tasks] if not model.has_factors(n)]
+    not_lora = [n for n in [name, *tasks] if not _foldable(model, n)]
     if not_lora:
         raise ValueError(
             f"sharing folds each (shared, task) stack into one LoRA adapter, so every adapter must be LoRA "
