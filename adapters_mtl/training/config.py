@@ -13,7 +13,10 @@ from .batches import BATCHING
 from .sampler import STRATEGIES
 from .weighting import WEIGHTINGS
 
-__all__ = ["SHARING", "UNFREEZE", "TrainConfig"]
+__all__ = ["SCHEDULERS", "SHARING", "UNFREEZE", "TrainConfig"]
+
+# learning-rate schedules (transformers.get_scheduler's names), each after an optional linear warm-up
+SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 SHARING = ("none", "shared", "adversarial")
 UNFREEZE = ("none", "all")  # or a regular expression on base parameter names
@@ -24,8 +27,16 @@ class TrainConfig:
     """Training settings (all YAML-friendly).
 
     Args:
-        steps: optimiser steps.
+        steps: optimiser steps (default 100 unless ``epochs`` is given).
+        epochs: an alternative to ``steps``: passes over the tasks' training rows (a float; the trainer
+            turns it into ``ceil(epochs · rows / (batch_size · processes · grad_accum))`` steps).
         batch_size: rows per forward (per process).
+        lr: the adapters' learning rate; ``task_lr`` overrides it per task (``{task: lr}``).
+        weight_decay: AdamW's decoupled decay, on matrices only (biases, norms and other 1-D parameters
+            such as IA3 vectors or DoRA magnitudes never decay).
+        scheduler / warmup_steps / warmup_ratio: the learning-rate schedule (one of :data:`SCHEDULERS`, via
+            ``transformers.get_scheduler``) after a linear warm-up of ``warmup_steps`` (or that fraction of
+            the run); ``scheduler_args`` are its own options (e.g. ``num_cycles``, ``power``).
         batching: ``per_task`` (each batch from one sampled task) or ``mixed`` (a task per row, routed).
         sampling / temperature: the :class:`TaskSampler` strategy.
         weighting / weighting_args: a loss weighting method (static, uncertainty, dwa, gradnorm, pcgrad).
@@ -44,10 +55,16 @@ class TrainConfig:
             parameter names (e.g. ``layer\\.5\\.``) — and their learning rate.
     """
 
-    steps: int = 100
+    steps: int | None = None
+    epochs: float | None = None
     batch_size: int = 16
     lr: float = 5e-4
+    task_lr: dict = field(default_factory=dict)
     weight_decay: float = 0.0
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    scheduler_args: dict = field(default_factory=dict)
     batching: str = "per_task"
     sampling: str = "proportional"
     temperature: float = 2.0
@@ -71,6 +88,32 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        if self.steps is not None and self.epochs is not None:
+            problems.append(
+                f"give steps or epochs, not both (got steps={self.steps!r}, epochs={self.epochs!r})"
+            )
+        elif self.epochs is not None and (not _is_number(self.epochs) or self.epochs <= 0):
+            problems.append(
+                f"epochs must be a positive number (passes over the training rows), got {self.epochs!r}"
+            )
+        elif self.steps is None and self.epochs is None:
+            self.steps = 100
+        if self.scheduler not in SCHEDULERS:
+            problems.append(f"scheduler must be one of {list(SCHEDULERS)}, got {self.scheduler!r}")
+        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
+            problems.append(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if not _is_number(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
+            problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        elif self.warmup_ratio and self.warmup_steps:
+            problems.append("give warmup_steps or warmup_ratio, not both")
+        if not isinstance(self.scheduler_args, dict):
+            problems.append(
+                f"scheduler_args must be a mapping of the schedule's options, got {self.scheduler_args!r}"
+            )
+        if not isinstance(self.task_lr, dict) or not all(
+            isinstance(k, str) and _is_number(v) and v > 0 for k, v in self.task_lr.items()
+        ):
+            problems.append(f"task_lr must map task names to positive learning rates, got {self.task_lr!r}")
         if self.batching not in BATCHING:
             problems.append(f"batching must be 'per_task' or 'mixed', got {self.batching!r}")
         if self.sampling not in STRATEGIES:
@@ -97,6 +140,8 @@ class TrainConfig:
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             problems.append(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         for key in ("steps", "batch_size", "grad_accum", "eval_every"):
+            if key == "steps" and self.steps is None:
+                continue  # from epochs, once the data is known
             if not _is_int(getattr(self, key)) or getattr(self, key) <= 0:
                 problems.append(f"{key} must be a positive int, got {getattr(self, key)!r}")
         for key, what in (
@@ -132,6 +177,17 @@ class TrainConfig:
             problems.append(str(e))
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+    @property
+    def total_steps(self) -> int:
+        """``steps`` once known (set from ``epochs`` by the trainer)."""
+        if self.steps is None:
+            raise RuntimeError("steps are not known yet: the trainer sets them from epochs and the data")
+        return self.steps
+
+    def warmup(self) -> int:
+        """Warm-up steps (from ``warmup_ratio`` when that is given)."""
+        return self.warmup_steps or math.ceil(self.warmup_ratio * self.total_steps)
 
 
 def _is_int(value: Any) -> bool:

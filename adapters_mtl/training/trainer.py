@@ -11,14 +11,16 @@ adapter per task) and :mod:`.accelerator`.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from transformers import get_scheduler
 
 from ..core.heads import pool
 from ..data.tasks import TaskData
@@ -102,6 +104,9 @@ class MultiTaskTrainer:
         self.shared_name = None if config.sharing == "none" else config.shared_adapter
         if self.shared_name is not None:
             _check_sharing(model, tasks, config.sharing, self.shared_name)
+        unknown_lr = sorted(set(config.task_lr) - {*tasks, *([self.shared_name] if self.shared_name else [])})
+        if unknown_lr:
+            raise ValueError(f"task_lr names {unknown_lr}, which are not tasks of this run: {sorted(tasks)}")
         self.shared = list(shared) or (
             list(model.adapter_parameters(self.shared_name).values()) if self.shared_name else []
         )
@@ -121,11 +126,17 @@ class MultiTaskTrainer:
         if config.log_with:
             self.acc.init_trackers("train", config={k: str(v) for k, v in asdict(config).items()})
         train_sets = {t: d.encode(tokenizer, "train") for t, d in tasks.items()}
+        if config.epochs is not None:  # passes over the training rows -> optimiser steps
+            rows = sum(len(ds) for ds in train_sets.values())
+            per_step = config.batch_size * self.acc.num_processes * config.grad_accum
+            config = replace(config, epochs=None, steps=max(1, math.ceil(config.epochs * rows / per_step)))
+            config.epochs = None
+            self.cfg = config
         sampler = TaskSampler(
             {t: len(ds) for t, ds in train_sets.items()},
             config.sampling,
             temperature=config.temperature,
-            total_steps=config.steps,
+            total_steps=config.total_steps,
             seed=config.seed,
         )
         self.batches = BatchSource(
@@ -149,13 +160,18 @@ class MultiTaskTrainer:
         self.step_module = _TrainStep(model, discriminator)
         self.unfrozen = _unfreeze(model, config.unfreeze)
         self.trainable = self._trainable_parameters()
-        groups: list[dict[str, Any]] = [
-            {"params": [p for k, p in self.trainable.items() if not k.startswith("base::")]}
-        ]
-        if self.unfrozen:
-            groups.append({"params": list(self.unfrozen.values()), "lr": config.base_lr})
-        optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(
+            _param_groups(self.trainable, config), lr=config.lr, weight_decay=config.weight_decay
+        )
         self.prepared, self.optimizer = self.acc.prepare(self.step_module, optimizer)
+        # stepped by hand on real optimiser steps (not prepared: Accelerate would step it per process)
+        self.scheduler = get_scheduler(
+            config.scheduler,
+            self.optimizer,
+            num_warmup_steps=config.warmup(),
+            num_training_steps=config.total_steps,
+            scheduler_specific_kwargs=dict(config.scheduler_args),
+        )
         self.global_step = 0
         self.folded = False
         self.history: list[dict] = []
@@ -204,7 +220,7 @@ class MultiTaskTrainer:
         if log is not None:
             log.reset(self.history)
         bar = tqdm(
-            total=self.cfg.steps,
+            total=self.cfg.total_steps,
             initial=self.global_step,
             disable=not self.acc.is_local_main_process,
             desc="train",
@@ -215,7 +231,7 @@ class MultiTaskTrainer:
         with StopRequest() as stop:
             # the run also ends when early stopping has stopped every task (nothing left to train)
             while (
-                self.global_step < self.cfg.steps
+                self.global_step < self.cfg.total_steps
                 and self.early_stopping.active()
                 and (stop_after is None or done_now < stop_after)
             ):
@@ -231,7 +247,7 @@ class MultiTaskTrainer:
                     self._save_from_main(checkpoint)
                 crash_point(self.global_step)
         bar.close()
-        if self.global_step >= self.cfg.steps or not self.early_stopping.active():
+        if self.global_step >= self.cfg.total_steps or not self.early_stopping.active():
             self.restore_best()
             if self.cfg.log_with:
                 self.acc.end_training()
@@ -248,9 +264,10 @@ class MultiTaskTrainer:
                     self.acc.clip_grad_norm_(list(self.trainable.values()), self.cfg.max_grad_norm)
                 self.optimizer.step()
                 if self.acc.sync_gradients:  # a real step, gradients still in .grad: methods' schedules
+                    self.scheduler.step()
                     trained = [*self.tasks, *([self.shared_name] if self.shared_name else [])]
                     for method in self.model.methods:
-                        method.after_step(trained, self.global_step + 1, self.cfg.steps)
+                        method.after_step(trained, self.global_step + 1, self.cfg.total_steps)
                 self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         row = {
@@ -261,7 +278,7 @@ class MultiTaskTrainer:
         self.history.append(row)
         bar.update(1)
         bar.set_postfix({t: f"{v.item():.3f}" for t, v in losses.items()})
-        if self.global_step % self.cfg.eval_every == 0 or self.global_step == self.cfg.steps:
+        if self.global_step % self.cfg.eval_every == 0 or self.global_step == self.cfg.total_steps:
             self._evaluate_all()
             self.weighting.end_epoch()  # DWA's "epochs" are eval_every steps
             self.prepared.train()
@@ -379,11 +396,33 @@ class MultiTaskTrainer:
             FileNotFoundError: no checkpoint there. ValueError: it was written by another set-up.
         """
         self.global_step, self.history = self.checkpointer.load(path)
+        # the schedule is a function of the step: put it where the checkpoint's run was
+        self.scheduler.last_epoch = self.global_step
+        for group, base, fn in zip(
+            self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * fn(self.global_step)
 
     def _save_from_main(self, path: Path) -> None:
         if self.acc.is_main_process:  # one writer
             self.save_checkpoint(path)
         self.acc.wait_for_everyone()
+
+
+def _param_groups(trainable: dict[str, nn.Parameter], config: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW's groups: per task its learning rate (``task_lr``, else ``lr``; unfrozen base weights
+    ``base_lr``), and within each, matrices with weight decay and 1-D parameters (biases, norms, IA3
+    vectors, DoRA magnitudes) without."""
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for key, p in trainable.items():
+        owner = key.split("::", 1)[0]
+        lr = config.base_lr if owner == "base" else float(config.task_lr.get(owner, config.lr))
+        decays = p.dim() >= 2 and "norm" not in key.lower()
+        groups.setdefault((lr, decays), []).append(p)
+    return [
+        {"params": ps, "lr": lr, "weight_decay": config.weight_decay if decays else 0.0}
+        for (lr, decays), ps in groups.items()
+    ]
 
 
 def _check_tasks(model: AdapterModel, tasks: dict[str, TaskData]) -> None:

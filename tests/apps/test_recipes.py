@@ -34,14 +34,25 @@ def bases(tmp_path_factory):
 
 
 def _overrides(path: Path, folder: Path, tmp_path: Path) -> list[str]:
-    n = len(load_recipe(path)["tasks"])
-    return [
-        f"base={folder}",
-        "train.steps=2",
-        "train.eval_every=1",
-        f"train.output_dir={tmp_path / 'run'}",
-        f"registry={tmp_path / 'reg'}",
-    ] + [f"tasks.{i}.limit=40" for i in range(n)]
+    spec = load_recipe(path)
+    # an AdaLoRA schedule must fit the run: two steps leave room for no warm-up or final phase
+    adalora = [
+        f"tasks.{i}.adapter.adalora.{k}={v}"
+        for i, t in enumerate(spec["tasks"])
+        if any(c.method == "adalora" for c in spec["adapters"][t.name])
+        for k, v in (("tinit", 0), ("tfinal", 0), ("delta_t", 1))
+    ]
+    return (
+        [
+            f"base={folder}",
+            "train.steps=2",
+            "train.eval_every=1",
+            f"train.output_dir={tmp_path / 'run'}",
+            f"registry={tmp_path / 'reg'}",
+        ]
+        + [f"tasks.{i}.limit=40" for i in range(len(spec["tasks"]))]
+        + adalora
+    )
 
 
 def _publish_tiny_adapters(folder: Path, registry: Path, names=("news", "tone")) -> None:
