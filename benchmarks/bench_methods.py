@@ -1,8 +1,10 @@
-"""Adapter methods side by side: LoRA, prefix tuning and (IA)³, ours and PEFT's, in one run.
+"""Adapter methods side by side: LoRA, DoRA, AdaLoRA, prefix and prompt tuning, (IA)³ and bottleneck
+adapters, ours and PEFT's (where PEFT has the method), in one run.
 
 Model: a Llama with SmolLM2-135M's shapes (random fp32 weights, no download; ``--layers``, default 8).
-Per method (PEFT's default-sized configs: LoRA r=8 on q_proj+v_proj, prefix of 16 virtual tokens, IA3 on
-PEFT's Llama defaults k_proj, v_proj, down_proj):
+Per method (PEFT's default-sized configs: LoRA/DoRA r=8 on q_proj+v_proj, AdaLoRA 12 -> 8 ranks there,
+prefix and prompt of 16 virtual tokens, IA3 on PEFT's Llama defaults k_proj, v_proj, down_proj, a
+Pfeiffer bottleneck of width 64):
   * trainable parameters of one adapter;
   * prefill (B=16, T=64): one adapter unmerged / base, merged / base where the method merges, and PEFT's
     unmerged / base on the same base;
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_routing import build_base, decode_stepper, med, prefill_inputs, ratio, rounds  # noqa: E402
 
 from adapters_mtl import AdapterModel, IA3Config, LoraConfig, PrefixConfig  # noqa: E402
-from adapters_mtl.methods import BottleneckConfig  # noqa: E402
+from adapters_mtl.methods import AdaLoraConfig, BottleneckConfig, PromptConfig  # noqa: E402
 
 N = 16  # distinct adapters in a mixed batch (and rows of every batch)
 T = 64
@@ -54,6 +56,24 @@ def configs() -> dict[str, tuple[Any, Any]]:
         "ia3": (IA3Config(init="random"), peft.IA3Config(init_ia3_weights=False)),
         # Pfeiffer placement (after each feed-forward), width 64 = hidden/9 (PEFT has no bottleneck adapters)
         "bottleneck": (BottleneckConfig(placement="pfeiffer", size=64, init="random"), None),
+        "dora": (
+            LoraConfig(r=8, alpha=16, targets=("q_proj", "v_proj"), init="random", use_dora=True),
+            peft.LoraConfig(
+                r=8,
+                lora_alpha=16,
+                target_modules=["q_proj", "v_proj"],
+                init_lora_weights=False,
+                use_dora=True,
+            ),
+        ),
+        "adalora": (
+            AdaLoraConfig(init_r=12, target_r=8, targets=("q_proj", "v_proj"), total_step=1000),
+            peft.AdaLoraConfig(init_r=12, target_r=8, target_modules=["q_proj", "v_proj"], total_step=1000),
+        ),
+        "prompt": (
+            PromptConfig(num_virtual_tokens=16),
+            peft.PromptTuningConfig(num_virtual_tokens=16, task_type="CAUSAL_LM"),
+        ),
     }
 
 
@@ -87,7 +107,7 @@ def time_method(method: str, ours_cfg: Any, peft_cfg: Any, base: torch.nn.Module
     with torch.inference_mode():
         prefill = rounds(fns, repeat)
         merged = None
-        if model.method(method).can_merge():
+        if model.method(ours_cfg.method).can_merge():
             model.merge("a0")
             merged_times = rounds(
                 {"base": fns["base"], "merged": lambda: model(**x, logits_to_keep=1)}, repeat

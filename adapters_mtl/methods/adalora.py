@@ -75,6 +75,8 @@ class AdaLoraLayer(nn.Module):
         self.ranknum: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self.name_of_slot: dict[int, str] = {}
+        # inference tables of a mixed batch: (names, device, tensor versions) -> stacked factors
+        self._table_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self.merged: str | None = None
         self._original: list[nn.Parameter] = []  # the weight set aside by merge (a list: not registered)
         object.__setattr__(self, "_route", route)  # shared, not a submodule
@@ -105,6 +107,7 @@ class AdaLoraLayer(nn.Module):
             self.unmerge()
         del self.lora_A[name], self.lora_E[name], self.lora_B[name]
         del self.scaling[name], self.ranknum[name], self.dropout[name]
+        self._table_cache.clear()
         self.name_of_slot = {s: n for s, n in self.name_of_slot.items() if n != name}
 
     def update(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -125,6 +128,11 @@ class AdaLoraLayer(nn.Module):
                 f"adapter {self.merged!r} is merged into this layer; unmerge() before mixing rows"
             )
         rows = sel.for_batch(x.shape[0])
+        names = [self.name_of_slot.get(s) for s in rows.uniq]
+        if all(n is None for n in names):
+            return None
+        if not (self.training and any(self.dropout[n] > 0 for n in names if n is not None)):
+            return self._gathered(x, names, rows.inv)
         delta: torch.Tensor | None = None
         for s in rows.uniq:  # one update per distinct adapter over its rows: gradients reach only those
             name = self.name_of_slot.get(s)
@@ -136,6 +144,49 @@ class AdaLoraLayer(nn.Module):
                 delta = part.new_zeros(*x.shape[:-1], self.out_features)
             delta = delta.index_copy(0, idx, part)
         return delta
+
+    def _tables(self, names: list[str | None], like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(A⊙E) (n, r, in) and B (n, out, r) of the distinct adapters (zeros for None; ranks zero-padded to
+        the largest) and their scales (n,). Cached without autograd, keyed on the names and the tensors'
+        version counters (in-place updates, e.g. rank masking, are seen)."""
+        key = None
+        if not torch.is_grad_enabled():
+            params = [
+                t for n in names if n is not None for t in (self.lora_A[n], self.lora_E[n], self.lora_B[n])
+            ]
+            # a tensor's version counter moves on every in-place change; torch has no public name for it
+            key = (tuple(names), like.device, tuple(t._version for t in params))  # noqa: SLF001
+            if key in self._table_cache:
+                return self._table_cache[key]
+        dtype = next(iter(self.lora_A.values())).dtype
+        r = max(self.lora_A[n].shape[0] for n in names if n is not None)
+        AE, Bs, scales = [], [], []
+        for n in names:
+            if n is None:
+                AE.append(like.new_zeros(r, self.in_features, dtype=dtype))
+                Bs.append(like.new_zeros(self.out_features, r, dtype=dtype))
+                scales.append(0.0)
+                continue
+            k = r - self.lora_A[n].shape[0]
+            AE.append(F.pad(self.lora_A[n] * self.lora_E[n], (0, 0, 0, k)))
+            Bs.append(F.pad(self.lora_B[n], (0, k)))
+            scales.append(self.scaling[n] / self.ranknum[n])
+        tables = (torch.stack(AE), torch.stack(Bs), torch.tensor(scales, dtype=dtype, device=like.device))
+        if key is not None:
+            if len(self._table_cache) >= 8:
+                self._table_cache.pop(next(iter(self._table_cache)))
+            self._table_cache[key] = tables
+        return tables
+
+    def _gathered(self, x: torch.Tensor, names: list[str | None], inv: torch.Tensor) -> torch.Tensor:
+        """Every row's update by gather-and-bmm (each row's factors gathered, two batched matmuls), as
+        LoRA's routed path; rows without an adapter here get zeros."""
+        AE, Bs, scales = self._tables(names, x)
+        B = x.shape[0]
+        x3 = x.reshape(B, -1, self.in_features).to(AE.dtype)
+        z = torch.bmm(x3, AE[inv].transpose(1, 2))  # (B, T, r)
+        delta = torch.bmm(z, Bs[inv].transpose(1, 2)) * scales[inv].view(B, 1, 1)
+        return delta.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
