@@ -28,11 +28,11 @@ from typing_extensions import override
 
 from ..core.config import adapter_dtype_for
 from ..core.module_paths import PEFT_PREFIX
-from ..core.routing import MixedRows, Route, slot_selection
+from ..core.routing import MixedRows, Route
 from .adalora_config import AdaLoraConfig, schedule_problem
-from .base import Factors, KeyMap, Method
+from .base import Factors, KeyMap
 from .lora_config import LoraConfig
-from .lora_layer import is_lora_target_type
+from .wrapped import MergingLayerMethod, innermost, target_paths
 
 __all__ = ["AdaLoraConfig", "AdaLoraLayer", "AdaLoraMethod"]
 
@@ -46,13 +46,6 @@ def _module_of(key: str) -> str | None:
     return m[1] if m else None
 
 
-def _innermost(module: nn.Module) -> nn.Module:
-    """The Linear/Conv1D under any wrappers (each keeps the module it wraps as ``base_layer``)."""
-    while not is_lora_target_type(module):
-        module = cast(nn.Module, module.base_layer)
-    return module
-
-
 class AdaLoraLayer(nn.Module):
     """Wraps one layer (the outermost module at the target's path); adds each row's adapter update."""
 
@@ -61,8 +54,8 @@ class AdaLoraLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, route: Route, dtype: torch.dtype | None) -> None:
         super().__init__()
         self.base_layer = base_layer
-        w = cast(torch.Tensor, _innermost(base_layer).weight)
-        self.fan_in_fan_out = not isinstance(_innermost(base_layer), nn.Linear)  # Conv1D stores (in, out)
+        w = cast(torch.Tensor, innermost(base_layer).weight)
+        self.fan_in_fan_out = not isinstance(innermost(base_layer), nn.Linear)  # Conv1D stores (in, out)
         self.in_features, self.out_features = (
             (w.shape[0], w.shape[1]) if self.fan_in_fan_out else w.shape[::-1]
         )
@@ -82,7 +75,7 @@ class AdaLoraLayer(nn.Module):
         object.__setattr__(self, "_route", route)  # shared, not a submodule
 
     def add(self, name: str, slot: int, r: int, scaling: float, dropout: float, init: str) -> None:
-        w = cast(torch.Tensor, _innermost(self.base_layer).weight)
+        w = cast(torch.Tensor, innermost(self.base_layer).weight)
         A, E, B = (
             torch.zeros(r, self.in_features, dtype=self.dtype, device=w.device),
             torch.zeros(r, 1, dtype=self.dtype, device=w.device),
@@ -212,7 +205,7 @@ class AdaLoraLayer(nn.Module):
     @torch.no_grad()
     def merge(self, name: str, keep_original: bool = True) -> None:
         """Fold ``name`` into the base weight; ``keep_original``: ``unmerge`` restores the exact tensor."""
-        inner = _innermost(self.base_layer)
+        inner = innermost(self.base_layer)
         w = cast(torch.Tensor, inner.weight)
         if keep_original:
             self._original = [cast(nn.Parameter, w)]
@@ -225,7 +218,7 @@ class AdaLoraLayer(nn.Module):
     def unmerge(self) -> None:
         if self.merged is None:
             return
-        inner = _innermost(self.base_layer)
+        inner = innermost(self.base_layer)
         if self._original:
             inner.weight, self._original = self._original[0], []
         else:
@@ -253,25 +246,21 @@ class _OneAdapter:
                 yield f"{path}.{kind}.{self.name}", cast(nn.Parameter, getattr(layer, kind)[self.name])
 
 
-class AdaLoraMethod(Method):
+class AdaLoraMethod(MergingLayerMethod):
     """Owns every :class:`AdaLoraLayer` of one model. Selection: an int slot (every row), :class:`MixedRows`,
     or a tuple of those (a stack: the levels' updates add)."""
 
     name = "adalora"
     config_class = AdaLoraConfig
     peft_config_types = ("AdaLoraConfig",)
-    idle_selection = 0
 
     def __init__(self, model: nn.Module, route: Route, *, adapter_dtype: torch.dtype | None = None) -> None:
         super().__init__(model, route, adapter_dtype=adapter_dtype)
         self.layers: dict[str, AdaLoraLayer] = {}
-        self.slot: dict[str, int] = {}
-        self.paths: dict[str, list[str]] = {}
         self.configs: dict[str, AdaLoraConfig] = {}
         self.allocators: dict[str, Any] = {}  # name -> PEFT's RankAllocator, made at the first step
         self.patterns: dict[str, dict[str, list[bool]]] = {}  # the final allocation's masks (PEFT's names)
         self.allocated: set[str] = set()  # adapters whose ranks were allocated (saved with a rank_pattern)
-        self._merged: str | None = None
 
     # ---------------------------------------------------------------- targets
     def _match(self, config: AdaLoraConfig) -> list[str]:
@@ -288,35 +277,25 @@ class AdaLoraMethod(Method):
                     "pass targets=(...) with module-name suffixes such as ('q_proj', 'v_proj')."
                 )
         peft_cfg = config.to_peft(target_modules=targets)
-        paths = set()
-        for path, module in self.model.named_modules():
-            if not is_lora_target_type(module):
-                continue
-            name = re.sub(r"(\.base_layer)+$", "", path)  # a layer other methods wrapped: the wrapper's path
-            if not name.startswith("heads.") and check_target_module_exists(peft_cfg, name):
-                paths.add(name)
+        paths = target_paths(
+            self.model, lambda n: bool(check_target_module_exists(peft_cfg, n)), AdaLoraLayer
+        )
         if not paths:
             wanted = [targets] if isinstance(targets, str) else list(targets)
             raise ValueError(
                 f"AdaLoRA targets {wanted} match no Linear/Conv1D module of {type(self.model).__name__}; "
                 "pass module-name suffixes of its Linear layers (e.g. ('query', 'value'))"
             )
-        return sorted(paths)
+        return paths
 
     def _wrap(self, path: str) -> AdaLoraLayer:
-        if path not in self.layers:
-            parent_path, _, child = path.rpartition(".")
-            parent = self.model.get_submodule(parent_path) if parent_path else self.model
-            layer = AdaLoraLayer(getattr(parent, child), self.route, self.adapter_dtype)
-            setattr(parent, child, layer)
-            self.layers[path] = layer
-        return self.layers[path]
+        return self.wrap(path, lambda m: AdaLoraLayer(m, self.route, self.adapter_dtype))
 
     # ---------------------------------------------------------------- adapters
     @override
     def add(self, name: str, config: AdaLoraConfig) -> None:
         paths = self._match(config)
-        slot = max(self.slot.values(), default=0) + 1
+        slot = self.next_slot()
         for path in paths:
             self._wrap(path).add(name, slot, config.init_r, config.scaling, config.dropout, config.init)
         self.slot[name], self.paths[name], self.configs[name] = slot, paths, config
@@ -338,16 +317,6 @@ class AdaLoraMethod(Method):
             for path in self.paths[name]
             for kind in ("lora_A", "lora_E", "lora_B")
         }
-
-    @override
-    def selection(self, names: Sequence[str | tuple[str, ...] | None]) -> Selection:
-        return slot_selection(names, self.slot, self._device)
-
-    def _device(self) -> torch.device:
-        layer = next(iter(self.layers.values()), None)
-        return (
-            cast(torch.Tensor, _innermost(layer.base_layer).weight).device if layer else torch.device("cpu")
-        )
 
     @override
     def owns_parameter(self, qualified_name: str, parameter: nn.Parameter) -> bool:
@@ -490,22 +459,6 @@ class AdaLoraMethod(Method):
         return config, state
 
     # ---------------------------------------------------------------- merging into the base
-    @override
-    def merge(self, name: str, keep_original: bool = True) -> None:
-        for path in self.paths[name]:
-            self.layers[path].merge(name, keep_original)
-        self._merged = name
-
-    @override
-    def unmerge(self) -> None:
-        for layer in self.layers.values():
-            layer.unmerge()
-        self._merged = None
-
-    @override
-    def merged(self) -> str | None:
-        return self._merged
-
     # ---------------------------------------------------------------- files
     @override
     @classmethod
@@ -589,13 +542,21 @@ class AdaLoraMethod(Method):
         saved_paths = {m for k in state if (m := _module_of(k)) is not None}
         best: dict[str, str] = {}
         for _, fn in key_maps:
-            hits = {s: p for s in saved_paths if (p := fn(s.removeprefix(PEFT_PREFIX))) in mine}
+            hits = {
+                s: p for s in saved_paths if (p := fn(s.removeprefix(PEFT_PREFIX))) is not None and p in mine
+            }
             if len(hits) > len(best):
                 best = hits
         pattern = self.configs[name].rank_pattern
         masks: dict[str, tuple[bool, ...]] = {}
         for _, fn in key_maps:  # the masks' keys are module paths of the model PEFT wrapped
-            masks.update({p: m for k, m in pattern.items() if (p := fn(k)) in mine and p not in masks})
+            masks.update(
+                {
+                    p: m
+                    for k, m in pattern.items()
+                    if (p := fn(k)) is not None and p in mine and p not in masks
+                }
+            )
         problems = [f"unexpected key {k}" for k in state if _module_of(k) not in best][:8]
         missing = sorted(mine - set(best.values()))
         if missing:

@@ -21,7 +21,7 @@ formula directly. Saved in adapters_mtl's format (config JSON + safetensors, see
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import torch
@@ -31,10 +31,10 @@ from typing_extensions import override
 
 from ..core.config import adapter_dtype_for
 from ..core.module_paths import PEFT_PREFIX
-from ..core.routing import MixedRows, Route, slot_selection
-from .base import KeyMap, Method
+from ..core.routing import MixedRows, Route
+from .base import KeyMap
 from .bottleneck_config import BottleneckConfig
-from .lora_layer import is_lora_target_type
+from .wrapped import LayerMethod, innermost, target_paths
 
 __all__ = ["BottleneckLayer", "BottleneckMethod"]
 
@@ -64,13 +64,6 @@ PARTS = ("down.weight", "down.bias", "up.weight", "up.bias", "norm.weight", "nor
 NORM_EPS = 1e-5
 
 
-def _innermost(module: nn.Module) -> nn.Module:
-    """The Linear/Conv1D under any wrappers (each keeps the module it wraps as ``base_layer``)."""
-    while not is_lora_target_type(module):
-        module = cast(nn.Module, module.base_layer)
-    return module
-
-
 def _matches(targets: tuple[str, ...] | str, path: str) -> bool:
     """PEFT's target matching: a regex must match the whole name, a name matches a suffix at a dot."""
     if isinstance(targets, str):
@@ -86,8 +79,8 @@ class BottleneckLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, route: Route, dtype: torch.dtype | None) -> None:
         super().__init__()
         self.base_layer = base_layer
-        w = cast(torch.Tensor, _innermost(base_layer).weight)
-        conv1d = not isinstance(_innermost(base_layer), nn.Linear)  # transformers' Conv1D stores (in, out)
+        w = cast(torch.Tensor, innermost(base_layer).weight)
+        conv1d = not isinstance(innermost(base_layer), nn.Linear)  # transformers' Conv1D stores (in, out)
         self.features = w.shape[1] if conv1d else w.shape[0]
         self.dtype = dtype or adapter_dtype_for(w.dtype)
         # name -> tensor; ParameterDicts so that each adapter's tensors are ordinary parameters
@@ -115,7 +108,7 @@ class BottleneckLayer(nn.Module):
 
     def add(self, name: str, slot: int, config: BottleneckConfig) -> None:
         d, r = self.features, config.width(self.features)
-        device = cast(torch.Tensor, _innermost(self.base_layer).weight).device
+        device = cast(torch.Tensor, innermost(self.base_layer).weight).device
         kw: dict[str, Any] = {"dtype": self.dtype, "device": device}
         down = torch.randn(r, d, **kw) * 0.01
         up = torch.zeros(d, r, **kw) if config.init == "near_identity" else torch.randn(d, r, **kw) / r**0.5
@@ -261,19 +254,16 @@ class BottleneckLayer(nn.Module):
         return f"features={self.features}, adapters={list(self.config)}"
 
 
-class BottleneckMethod(Method):
+class BottleneckMethod(LayerMethod):
     """Owns every :class:`BottleneckLayer` of one model. Selection: an int slot (every row),
     :class:`MixedRows`, or a tuple of those (a stack: the levels apply one after the other)."""
 
     name = "bottleneck"
     config_class = BottleneckConfig
-    idle_selection = 0
 
     def __init__(self, model: nn.Module, route: Route, *, adapter_dtype: torch.dtype | None = None) -> None:
         super().__init__(model, route, adapter_dtype=adapter_dtype)
         self.layers: dict[str, BottleneckLayer] = {}
-        self.slot: dict[str, int] = {}
-        self.paths: dict[str, list[str]] = {}
 
     def _targets(self, config: BottleneckConfig) -> tuple[str, ...] | str:
         if config.targets is not None:
@@ -290,34 +280,22 @@ class BottleneckMethod(Method):
 
     def _match(self, config: BottleneckConfig) -> list[str]:
         targets = self._targets(config)
-        paths = set()
-        for path, module in self.model.named_modules():
-            if isinstance(module, BottleneckLayer) or not is_lora_target_type(module):
-                continue
-            name = re.sub(r"(\.base_layer)+$", "", path)  # a layer other methods wrapped: the wrapper's path
-            if not name.startswith("heads.") and _matches(targets, name):
-                paths.add(name)
+        paths = target_paths(self.model, lambda n: _matches(targets, n), BottleneckLayer)
         if not paths:
             wanted = [targets] if isinstance(targets, str) else list(targets)
             raise ValueError(
                 f"bottleneck targets {wanted} match no Linear/Conv1D module of {type(self.model).__name__}"
             )
-        return sorted(paths)
+        return paths
 
     def _wrap(self, path: str) -> BottleneckLayer:
-        if path not in self.layers:
-            parent_path, _, child = path.rpartition(".")
-            parent = self.model.get_submodule(parent_path) if parent_path else self.model
-            layer = BottleneckLayer(getattr(parent, child), self.route, self.adapter_dtype)
-            setattr(parent, child, layer)
-            self.layers[path] = layer
-        return self.layers[path]
+        return self.wrap(path, lambda m: BottleneckLayer(m, self.route, self.adapter_dtype))
 
     # ---------------------------------------------------------------- adapters
     @override
     def add(self, name: str, config: BottleneckConfig) -> None:
         paths = self._match(config)  # raises before anything is attached
-        slot = max(self.slot.values(), default=0) + 1
+        slot = self.next_slot()
         for path in paths:
             self._wrap(path).add(name, slot, config)
         self.slot[name], self.paths[name] = slot, paths
@@ -336,16 +314,6 @@ class BottleneckMethod(Method):
             for p in self.paths[name]
             for part, t in self.layers[p].params(name).items()
         }
-
-    @override
-    def selection(self, names: Sequence[str | tuple[str, ...] | None]) -> BottleneckSelection:
-        return slot_selection(names, self.slot, self._device)
-
-    def _device(self) -> torch.device:
-        layer = next(iter(self.layers.values()), None)
-        return (
-            cast(torch.Tensor, _innermost(layer.base_layer).weight).device if layer else torch.device("cpu")
-        )
 
     @override
     def owns_parameter(self, qualified_name: str, parameter: nn.Parameter) -> bool:

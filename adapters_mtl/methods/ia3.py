@@ -10,7 +10,7 @@ per-adapter module call. Saved as PEFT saves it: ``base_model.model.<module path
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, cast
 
 import torch
@@ -18,21 +18,14 @@ from torch import nn
 from typing_extensions import override
 
 from ..core.module_paths import PEFT_PREFIX
-from ..core.routing import MixedRows, Route, slot_selection
-from .base import KeyMap, Method
+from ..core.routing import MixedRows, Route
+from .base import KeyMap
 from .ia3_config import IA3Config
-from .lora_layer import is_lora_target_type
+from .wrapped import MergingLayerMethod, innermost, target_paths
 
 __all__ = ["IA3Layer", "IA3Method"]
 
 IA3Selection = int | MixedRows | tuple[int | MixedRows, ...]
-
-
-def _innermost(module: nn.Module) -> nn.Module:
-    """The Linear/Conv1D under any wrappers (each keeps the module it wraps as ``base_layer``)."""
-    while not is_lora_target_type(module):
-        module = cast(nn.Module, module.base_layer)
-    return module
 
 
 class IA3Layer(nn.Module):
@@ -46,7 +39,7 @@ class IA3Layer(nn.Module):
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
-        inner = _innermost(base_layer)
+        inner = innermost(base_layer)
         w = cast(torch.Tensor, inner.weight)
         self.conv1d = not isinstance(inner, nn.Linear)  # transformers' Conv1D stores (in, out)
         in_f, out_f = (w.shape[0], w.shape[1]) if self.conv1d else (w.shape[1], w.shape[0])
@@ -62,7 +55,7 @@ class IA3Layer(nn.Module):
         object.__setattr__(self, "_route", route)  # shared, not a submodule
 
     def add(self, name: str, slot: int, init: str) -> None:
-        w = cast(torch.Tensor, _innermost(self.base_layer).weight)
+        w = cast(torch.Tensor, innermost(self.base_layer).weight)
         vec = torch.ones(self.dim, dtype=self.dtype, device=w.device)
         if init == "random":
             vec = vec + 0.1 * torch.randn(self.dim, dtype=self.dtype, device=w.device)
@@ -112,7 +105,7 @@ class IA3Layer(nn.Module):
     def merge(self, name: str, keep_original: bool = True) -> None:
         """Fold ``name`` into the base weight (rows scaled for outputs, columns for feed-forward inputs, and
         the bias of an output-scaled layer). ``keep_original``: ``unmerge`` restores the exact tensors."""
-        inner = _innermost(self.base_layer)
+        inner = innermost(self.base_layer)
         w, b = cast(torch.Tensor, inner.weight), cast("torch.Tensor | None", inner.bias)
         vec = self.ia3_l[name].to(w.dtype)
         # Linear (out, in) / Conv1D (in, out): the vector runs along the out or in axis
@@ -134,7 +127,7 @@ class IA3Layer(nn.Module):
         """Restore the base weight (bit-exact with ``keep_original``; else divided back, as PEFT)."""
         if self.merged is None:
             return
-        inner = _innermost(self.base_layer)
+        inner = innermost(self.base_layer)
         if self._original:
             (w, b), self._original = self._original[0], []
             inner.weight = cast(nn.Parameter, w)
@@ -154,24 +147,20 @@ class IA3Layer(nn.Module):
         return f"scales={side} ({self.dim}), adapters={list(self.ia3_l)}, merged={self.merged}"
 
 
-class IA3Method(Method):
+class IA3Method(MergingLayerMethod):
     """Owns every :class:`IA3Layer` of one model. Selection: an int slot (every row), :class:`MixedRows`,
     or a tuple of those (a stack: the levels' vectors multiply)."""
 
     name = "ia3"
     config_class = IA3Config
     peft_config_types = ("IA3Config",)
-    idle_selection = 0
 
     def __init__(self, model: nn.Module, route: Route, *, adapter_dtype: torch.dtype | None = None) -> None:
         super().__init__(model, route, adapter_dtype=adapter_dtype)
         self.layers: dict[str, IA3Layer] = {}
-        self.slot: dict[str, int] = {}
-        self.paths: dict[str, list[str]] = {}
         self.resolved: dict[
             str, tuple[list[str] | str, list[str] | str]
         ] = {}  # name -> (targets, feed-forward targets)
-        self._merged: str | None = None
 
     # ---------------------------------------------------------------- targets
     def _resolve(self, config: IA3Config) -> tuple[Any, Any]:
@@ -200,20 +189,18 @@ class IA3Method(Method):
 
         targets, feedforward = self._resolve(config)
         peft_cfg = config.to_peft(target_modules=targets, feedforward_modules=feedforward)
-        paths = []
-        for path, module in self.model.named_modules():
-            if isinstance(module, IA3Layer) or not is_lora_target_type(module):
-                continue
-            name = re.sub(r"(\.base_layer)+$", "", path)  # a layer other methods wrapped: the wrapper's path
-            if name.startswith("heads.") or not check_target_module_exists(peft_cfg, name):
-                continue
-            paths.append((name, _is_feedforward(peft_cfg.feedforward_modules, name)))
+        paths = [
+            (name, _is_feedforward(peft_cfg.feedforward_modules, name))
+            for name in target_paths(
+                self.model, lambda n: bool(check_target_module_exists(peft_cfg, n)), IA3Layer
+            )
+        ]
         if not paths:
             wanted = [targets] if isinstance(targets, str) else list(targets)
             raise ValueError(
                 f"IA3 targets {wanted} match no Linear/Conv1D module of {type(self.model).__name__}"
             )
-        return sorted(set(paths))
+        return paths
 
     def _wrap(self, path: str, feedforward: bool) -> IA3Layer:
         layer = self.layers.get(path)
@@ -224,12 +211,7 @@ class IA3Method(Method):
                     "adapter; every IA3 adapter on a model must agree on which targets are feed-forward"
                 )
             return layer
-        parent_path, _, child = path.rpartition(".")
-        parent = self.model.get_submodule(parent_path) if parent_path else self.model
-        layer = IA3Layer(getattr(parent, child), self.route, feedforward, self.adapter_dtype)
-        setattr(parent, child, layer)
-        self.layers[path] = layer
-        return layer
+        return self.wrap(path, lambda m: IA3Layer(m, self.route, feedforward, self.adapter_dtype))
 
     # ---------------------------------------------------------------- adapters
     @override
@@ -238,7 +220,7 @@ class IA3Method(Method):
         for path, ff in matched:  # check every layer before attaching to any
             if path in self.layers and self.layers[path].feedforward != ff:
                 self._wrap(path, ff)  # raises the explanation
-        slot = max(self.slot.values(), default=0) + 1
+        slot = self.next_slot()
         for path, ff in matched:
             self._wrap(path, ff).add(name, slot, config.init)
         self.slot[name], self.paths[name] = slot, [p for p, _ in matched]
@@ -260,35 +242,8 @@ class IA3Method(Method):
         return {f"{p}.ia3_l": cast(nn.Parameter, self.layers[p].ia3_l[name]) for p in self.paths[name]}
 
     @override
-    def selection(self, names: Sequence[str | tuple[str, ...] | None]) -> IA3Selection:
-        return slot_selection(names, self.slot, self._device)
-
-    def _device(self) -> torch.device:
-        layer = next(iter(self.layers.values()), None)
-        return (
-            cast(torch.Tensor, _innermost(layer.base_layer).weight).device if layer else torch.device("cpu")
-        )
-
-    @override
     def owns_parameter(self, qualified_name: str, parameter: nn.Parameter) -> bool:
         return ".ia3_l." in qualified_name
-
-    # ---------------------------------------------------------------- merging into the base
-    @override
-    def merge(self, name: str, keep_original: bool = True) -> None:
-        for path in self.paths[name]:
-            self.layers[path].merge(name, keep_original)
-        self._merged = name
-
-    @override
-    def unmerge(self) -> None:
-        for layer in self.layers.values():
-            layer.unmerge()
-        self._merged = None
-
-    @override
-    def merged(self) -> str | None:
-        return self._merged
 
     # ---------------------------------------------------------------- files
     @override
