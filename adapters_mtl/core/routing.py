@@ -19,14 +19,14 @@ per-thread is per-call; asyncio tasks that share a thread must not hold a ``usin
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["MixedRows", "Route", "SlotSelection", "StaticSlot", "repeats", "slot_selection"]
+__all__ = ["MixedRows", "Route", "SlotSelection", "StaticSlot", "one_per_row", "repeats", "slot_selection"]
 
 
 @dataclass
@@ -80,6 +80,21 @@ def slot_selection(
     if depth <= 1:
         return _slot_level([slot[s[0]] if s else 0 for s in stacks], device)
     return tuple(_slot_level([slot[s[k]] if k < len(s) else 0 for s in stacks], device) for k in range(depth))
+
+
+def one_per_row(
+    entries: Sequence[str | tuple[str, ...] | None], held: Container[str], what: str, hint: str = ""
+) -> list[str | None]:
+    """Each row's one adapter among ``held`` (None where it has none), for methods a row can use at most
+    once (a prefix, a prompt). Raises ValueError for a stack holding two, naming them (``what``: the
+    method's adapters in words; ``hint``: what to do instead)."""
+    rows: list[str | None] = []
+    for entry in entries:
+        found = [n for n in (entry if isinstance(entry, tuple) else (entry,)) if n is not None and n in held]
+        if len(found) > 1:
+            raise ValueError(f"a row stacks {what} {found}: a stack can hold at most one{hint}")
+        rows.append(found[0] if found else None)
+    return rows
 
 
 def _slot_level(slots: list[int], device: Callable[[], torch.device]) -> int | MixedRows:

@@ -21,7 +21,7 @@ from torch import nn
 from typing_extensions import override
 
 from ..core.config import hidden_size_of, text_config
-from ..core.routing import Route, repeats
+from ..core.routing import Route, one_per_row, repeats
 from .base import KeyMap, Method
 from .prefix_config import PrefixConfig
 
@@ -409,14 +409,7 @@ class PrefixMethod(Method):
 
     @override
     def selection(self, names: Sequence[str | tuple[str, ...] | None]) -> PrefixSelection | None:
-        rows: list[str | None] = []
-        for entry in names:
-            found = [n for n in (entry if isinstance(entry, tuple) else (entry,)) if n in self.lengths]
-            if len(found) > 1:
-                raise ValueError(
-                    f"a row stacks prefix adapters {found}: a stack can hold at most one prefix adapter"
-                )
-            rows.append(found[0] if found else None)
+        rows = one_per_row(names, self.lengths, "prefix adapters", " prefix adapter")
         if all(n is None for n in rows):
             return None
         if all(n == rows[0] for n in rows):

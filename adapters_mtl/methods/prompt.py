@@ -31,7 +31,7 @@ from torch import nn
 from typing_extensions import override
 
 from ..core.config import text_config
-from ..core.routing import Route, repeats
+from ..core.routing import Route, one_per_row, repeats
 from .base import KeyMap, Method
 from .prompt_config import PromptConfig
 
@@ -308,15 +308,13 @@ class PromptMethod(Method):
 
     @override
     def selection(self, names: Sequence[str | tuple[str, ...] | None]) -> PromptSelection | None:
-        rows: list[str | None] = []
-        for entry in names:
-            found = [n for n in (entry if isinstance(entry, tuple) else (entry,)) if n in self.bank.lengths]
-            if len(found) > 1:
-                raise ValueError(
-                    f"a row stacks prompt adapters {found}: a stack can hold at most one prompt adapter (one "
-                    "set of virtual tokens goes before the text); stack one prompt with LoRA or other adapters"
-                )
-            rows.append(found[0] if found else None)
+        rows = one_per_row(
+            names,
+            self.bank.lengths,
+            "prompt adapters",
+            " prompt adapter (one set of virtual tokens goes before the text); stack one prompt with LoRA or "
+            "other adapters",
+        )
         if all(n is None for n in rows):
             return None
         if all(n == rows[0] for n in rows):
