@@ -416,6 +416,12 @@ class AdaLoraMethod(MergingLayerMethod):
         return out
 
     @override
+    def settles_at(self, name: str, total_steps: int) -> int:
+        """The step of the final allocation (``total_step - tfinal``): before it the adapter is over budget."""
+        config = self.configs[name]
+        return (config.total_step or total_steps) - config.tfinal
+
+    @override
     def folded(self, name: str) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
         """What serving uses: :meth:`to_lora`."""
         return self.to_lora(name)

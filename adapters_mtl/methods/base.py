@@ -150,6 +150,11 @@ class Method:
         adapter the run trains (``names``; others are ignored), the step just taken (counted from 1) and the
         run's length in steps; e.g. AdaLoRA's rank allocation from the gradients still in ``.grad``."""
 
+    def settles_at(self, name: str, total_steps: int) -> int:
+        """The first step of a run of ``total_steps`` at which ``name`` has its final form (AdaLoRA: when its
+        ranks are allocated for good); early stopping keeps no snapshot from before it. 0 for most."""
+        return 0
+
     def folded(self, name: str) -> tuple[Any, dict[str, torch.Tensor]] | None:
         """``name`` as an adapter of another method that computes the same outputs and is what serving
         should use (AdaLoRA → a plain LoRA with per-module ranks): ``(that method's config, state keyed as

@@ -17,6 +17,9 @@ class EarlyStopping:
     Args:
         tasks: the task names.
         patience: evaluations without improvement before a task stops (None: never).
+        settled: per task, the first step whose adapters count (``Method.settles_at``: an AdaLoRA adapter
+            before its final rank allocation is over its budget); earlier evaluations are not kept and do
+            not use up patience.
 
     Attributes:
         best: ``{task: {"score", "step", "bad_evals", "stopped"[, "metrics"]}}`` (JSON-able; what a run
@@ -24,8 +27,11 @@ class EarlyStopping:
         tensors: ``{task: {key: tensor}}``, the snapshot taken at each task's best score.
     """
 
-    def __init__(self, tasks: Sequence[str], patience: int | None) -> None:
+    def __init__(
+        self, tasks: Sequence[str], patience: int | None, settled: Mapping[str, int] | None = None
+    ) -> None:
         self.patience = patience
+        self.settled = dict(settled or {})
         self.best: dict[str, dict[str, Any]] = {
             t: {"score": -math.inf, "step": 0, "bad_evals": 0, "stopped": False} for t in tasks
         }
@@ -57,6 +63,8 @@ class EarlyStopping:
             True when ``task`` has just run out of patience (the caller stops training it).
         """
         best = self.best[task]
+        if step < self.settled.get(task, 0):
+            return False
         if metrics["score"] > best["score"]:
             best.update(score=metrics["score"], step=step, bad_evals=0, metrics=dict(metrics))
             self.tensors[task] = snapshot()

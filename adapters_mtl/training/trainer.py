@@ -175,7 +175,12 @@ class MultiTaskTrainer:
         self.global_step = 0
         self.folded = False
         self.history: list[dict] = []
-        self.early_stopping = EarlyStopping(list(tasks), config.patience)
+        settled = {
+            t: max(self.model.method(m).settles_at(t, config.total_steps) for m in self.model.method_names(t))
+            for t in tasks
+            if self.model.method_names(t)
+        }
+        self.early_stopping = EarlyStopping(list(tasks), config.patience, settled)
         self.checkpointer = Checkpointer(
             self.trainable, self.optimizer, self.weighting, self.batches, self.early_stopping, asdict(config)
         )

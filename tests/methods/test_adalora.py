@@ -323,3 +323,23 @@ def test_the_trainer_drives_the_schedule_and_lowers_the_loss(tmp_path):
     reg = [h["loss/regulariser"] for h in result["history"]]
     assert len(reg) == 40 and reg[-1] < reg[0]  # the orthogonality regulariser is trained too
     assert all(torch.equal(frozen[k], v) for k, v in model.base_parameters().items())
+
+
+def test_early_stopping_keeps_no_adapter_from_before_the_final_allocation(tmp_path):
+    from helpers import train_config, two_tasks
+
+    from adapters_mtl.training import MultiTaskTrainer
+
+    tok, tasks, base = two_tasks(tmp_path)
+    model = AdapterModel(copy.deepcopy(base))
+    torch.manual_seed(0)
+    for name, data in tasks.items():
+        cfg = AdaLoraConfig(init_r=4, target_r=2, targets=("query", "value"), tinit=2, tfinal=6, delta_t=2)
+        model.add_adapter(name, cfg, head=data.head_config())
+    # evaluations every 2 steps with patience 1 would stop (and restore) long before step 20 - 6 = 14
+    trainer = MultiTaskTrainer(model, tok, tasks, train_config(tmp_path, steps=20, eval_every=2, patience=1))
+    result = trainer.train()
+    method = model.method("adalora")
+    for t in tasks:
+        assert result["best"][t]["step"] >= 14, result["best"][t]
+        assert sum(method.kept_ranks(t).values()) == 2 * len(method.paths[t])  # the final budget
