@@ -19,7 +19,8 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adapters-mtl",
-        description="Multi-task learning with per-row routed LoRA and prefix adapters on a frozen transformer.",
+        description="Multi-task learning with per-row routed adapters (LoRA, DoRA, AdaLoRA, prefix, prompt tuning, IA3, "
+        "bottleneck) on a frozen transformer.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser(
@@ -172,7 +173,7 @@ def _registry_parser(sub: argparse._SubParsersAction) -> None:
     ls.add_argument("--task")
     ls.add_argument("--base", help="base model id or fingerprint")
     # checked against the registered methods when the command runs (--help stays free of torch imports)
-    ls.add_argument("--method", help="an adapter method, e.g. lora or prefix")
+    ls.add_argument("--method", help="an adapter method, e.g. lora, prefix, ia3, bottleneck")
     ls.add_argument("--tag")
     show = cmds.add_parser("show", help="show one version's card, tags and aliases")
     show.add_argument("ref", help="NAME, NAME@VERSION or NAME@ALIAS")

@@ -1,7 +1,8 @@
 """Recipes: flat, commented YAML files → validated objects → a training run.
 
 A recipe has the keys ``base`` (``minilm``, ``smollm2`` or a local model folder), ``tasks`` (a list of
-TaskSpec fields), ``adapter`` (``lora:`` and/or ``prefix:`` config fields, used for every task; ``shared:``
+TaskSpec fields), ``adapter`` (config fields per method: ``lora:``, ``adalora:``, ``prefix:``, ``prompt:``,
+``ia3:``, ``bottleneck:``, one or several, used for every task unless a task has its own; ``shared:``
 LoRA fields of the shared adapter when ``train.sharing`` is ``shared`` or ``adversarial``, default the
 task adapters' LoRA), ``train``
 (TrainConfig fields) and ``registry`` (a registry root, ``default``, or ``null`` to skip publishing).
