@@ -329,6 +329,28 @@ class AdapterModel(nn.Module):
         for method in self._methods.values():
             method.compact()
 
+    def activation_checkpointing_enable(self, **checkpoint_kwargs: Any) -> None:
+        """Activation (gradient) checkpointing on the base whose recomputation in backward sees the routing
+        of its forward: per-row adapters, stacks and prefix keys/values, so gradients equal those without
+        checkpointing. ``checkpoint_kwargs`` go to ``torch.utils.checkpoint`` (non-reentrant only: the
+        routing is restored through its ``context_fn``).
+
+        Raises:
+            ValueError: ``use_reentrant=True``, or a base that does not support checkpointing.
+        """
+        if checkpoint_kwargs.get("use_reentrant", False) or "context_fn" in checkpoint_kwargs:
+            raise ValueError(
+                f"activation_checkpointing_enable takes torch.utils.checkpoint options except use_reentrant=True and "
+                f"context_fn (routing is restored through a non-reentrant context_fn); got {sorted(checkpoint_kwargs)}"
+            )
+        kwargs = {**checkpoint_kwargs, "use_reentrant": False, "context_fn": self._route.recompute_contexts}
+        base: Any = self.base  # a transformers model
+        enable = getattr(base, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:  # older transformers name
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
     def set_trainable(self, name: str, trainable: bool = True) -> None:
         """Freeze (False) or unfreeze (True) every parameter of ``name``, head included."""
         for p in self.adapter_parameters(name).values():
@@ -536,14 +558,15 @@ class AdapterModel(nn.Module):
 
     def _refuse_checkpointing(self, names: list[str | tuple[str, ...] | None]) -> None:
         # Activation checkpointing recomputes layers during backward, after this call's routing has
-        # ended, so the recomputation would run other adapters. Until routing is captured per layer,
-        # refuse the combinations that would be wrong instead of training on garbage.
+        # ended. Enabled through activation_checkpointing_enable(), each recomputation runs under the
+        # routing its forward saw; enabled on the base directly it would run other adapters, so the
+        # combinations that would be wrong are refused instead of training on garbage.
         if not (self.training and torch.is_grad_enabled()):
             return
         checkpointing = getattr(self.base, "is_activation_checkpointing", None)
         if checkpointing is None:  # older transformers name
             checkpointing = getattr(self.base, "is_gradient_checkpointing", False)
-        if not checkpointing:
+        if not checkpointing or self._checkpointing_routed():
             return
         # the process default: a using() block's adapter is gone when backward recomputes
         routed = any(n != self.default_adapter for n in names)
@@ -554,9 +577,18 @@ class AdapterModel(nn.Module):
             raise NotImplementedError(
                 "gradient checkpointing works only with the active adapter for now (activate(name), then call "
                 f"without adapters=), and not with {stateful or 'per-call state'} adapters: per-call routing and "
-                "per-call state are not recomputed correctly. Disable it with "
-                "model.base.activation_checkpointing_disable(), or train one adapter per batch."
+                "per-call state are not recomputed correctly when it is enabled on the base. Enable it with "
+                "model.activation_checkpointing_enable() instead (recomputation then sees each call's routing)."
             )
+
+    def _checkpointing_routed(self) -> bool:
+        """Whether the base's checkpointed layers recompute under the routing of their forward (the
+        checkpoint function holds this model's ``Route.recompute_contexts``)."""
+        for module in self.base.modules():
+            fn = getattr(module, "_gradient_checkpointing_func", None)
+            if fn is not None:
+                return getattr(fn, "keywords", {}).get("context_fn") == self._route.recompute_contexts
+        return False
 
     def _method(self, method_name: str) -> Method:
         if method_name not in self._methods:

@@ -18,6 +18,7 @@ per-thread is per-call; asyncio tasks that share a thread must not hold a ``usin
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -197,6 +198,26 @@ class Route:
             yield call
         finally:
             local.call = saved
+
+    def recompute_contexts(
+        self,
+    ) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """``context_fn`` for ``torch.utils.checkpoint`` (non-reentrant): called as a checkpointed layer runs
+        forward, it returns a no-op context for that forward and one that restores this thread's routing
+        and per-call state as they are now for the layer's recomputation during backward (which runs after
+        the call's own routing has ended). So a recomputed layer sees the rows' adapters its forward saw."""
+        saved = (self.local.call, self.local.prefix_context)
+        return contextlib.nullcontext(), self._as_of(saved)
+
+    @contextlib.contextmanager
+    def _as_of(self, saved: tuple[dict[str, object] | None, Any]) -> Iterator[None]:
+        local = self.local
+        before = (local.call, local.prefix_context)
+        local.call, local.prefix_context = saved
+        try:
+            yield
+        finally:
+            local.call, local.prefix_context = before
 
     def set_default(self, selections: dict[str, object]) -> None:
         """The routing used by plain calls (no ``adapters=``) of every thread: O(1), and one assignment,

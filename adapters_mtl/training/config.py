@@ -50,6 +50,8 @@ class TrainConfig:
             At the end each task's best (shared, task) stack is folded into one self-contained adapter.
         adversarial_weight / grl_lambda: weight of the discriminator loss and strength of the reversal.
         log_with: Accelerate trackers, e.g. ``["tensorboard"]`` (logs in ``output_dir``).
+        activation_checkpointing: recompute the base's layers in backward instead of keeping their
+            activations (``AdapterModel.activation_checkpointing_enable``: routing-aware, same gradients).
         unfreeze / base_lr: which base-model parameters train too — ``none`` (adapters and heads only),
             ``all`` (full fine-tuning, e.g. a baseline with head-only adapters) or a regular expression on
             parameter names (e.g. ``layer\\.5\\.``) — and their learning rate.
@@ -85,6 +87,7 @@ class TrainConfig:
     log_with: list = field(default_factory=list)
     unfreeze: str = "none"
     base_lr: float = 5e-5
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -136,6 +139,10 @@ class TrainConfig:
         if not isinstance(self.log_with, list) or not all(isinstance(t, str) for t in self.log_with):
             problems.append(
                 f"log_with must be a list of tracker names (e.g. [tensorboard]), got {self.log_with!r}"
+            )
+        if not isinstance(self.activation_checkpointing, bool):
+            problems.append(
+                f"activation_checkpointing must be true or false, got {self.activation_checkpointing!r}"
             )
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             problems.append(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")

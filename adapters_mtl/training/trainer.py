@@ -157,6 +157,8 @@ class MultiTaskTrainer:
             discriminator = TaskDiscriminator(model.hidden_size, len(tasks), lambda_=config.grl_lambda)
             discriminator.to(device=ref.device)
         self.model = model
+        if config.activation_checkpointing:
+            model.activation_checkpointing_enable()
         self.step_module = _TrainStep(model, discriminator)
         self.unfrozen = _unfreeze(model, config.unfreeze)
         self.trainable = self._trainable_parameters()
@@ -439,6 +441,12 @@ def _check_tasks(model: AdapterModel, tasks: dict[str, TaskData]) -> None:
         raise ValueError(
             f"tasks {missing + headless} have no adapter{' with a head' if headless else ''} in the model; "
             "add_adapter(name, config, head=data.head_config()) for each task first"
+        )
+    empty = {t: s for t, d in tasks.items() for s in ("train", "validation") if len(d.splits[s]) == 0}
+    if empty:
+        raise ValueError(
+            f"tasks {sorted(empty)} have an empty split ({empty}): training draws from train and early stopping "
+            "reads validation; give them rows (TaskSpec splits / limit, or a validation source)"
         )
     if len({d.generative for d in tasks.values()}) > 1:
         raise ValueError(

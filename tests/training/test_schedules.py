@@ -3,6 +3,7 @@ get_scheduler), epochs instead of steps, per-task learning rates, and weight dec
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -76,7 +77,7 @@ def test_epochs_become_steps_from_the_training_rows(tmp_path, setup):
 def test_per_task_learning_rates_and_no_decay_on_vectors(tmp_path, setup):
     tok, tasks, base = setup
     first, second = list(tasks)
-    model = AdapterModel(base)
+    model = AdapterModel(copy.deepcopy(base))
     torch.manual_seed(0)
     model.add_adapter(first, LoraConfig(r=2, targets=("value",)), head=tasks[first].head_config())
     model.add_adapter(second, IA3Config(), head=tasks[second].head_config())
@@ -100,3 +101,14 @@ def test_schedule_settings_are_checked_together():
     for part in ("steps or epochs, not both", "scheduler must be one of", "warmup_steps or warmup_ratio"):
         assert part in str(e.value)
     assert TrainConfig().steps == 100 and TrainConfig(epochs=1.5).steps is None
+
+
+def test_the_trainer_refuses_a_task_with_an_empty_split(tmp_path, setup):
+    import dataclasses
+
+    tok, tasks, base = setup
+    first = next(iter(tasks))
+    emptied = {**tasks, first: dataclasses.replace(tasks[first], splits={**tasks[first].splits})}
+    emptied[first].splits["validation"] = emptied[first].splits["validation"].select([])
+    with pytest.raises(ValueError, match="have an empty split"):
+        MultiTaskTrainer(task_model(base, tasks), tok, emptied, train_config(tmp_path))
