@@ -9,6 +9,8 @@ AdamW step.
   ours single      AdapterModel, one adapter for every row
   ours joint-4     4 task adapters + heads, rows assigned round-robin, one routed call (the trainer's step)
   ours shared+4    as joint-4 with a shared adapter stacked under each task adapter (hierarchical sharing)
+  ours joint-4 ckpt  joint-4 with routed activation checkpointing (``activation_checkpointing_enable``):
+                   the memory it saves and the time it costs
 
 Each variant runs in its own process so its peak memory (CUDA: max allocated; CPU: peak RSS) is its own;
 variants run interleaved ``--repeat`` times and the fastest run of each is reported.
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("peft single", "ours single", "ours joint-4", "ours shared+4")
+VARIANTS = ("peft single", "ours single", "ours joint-4", "ours shared+4", "ours joint-4 ckpt")
 TARGETS = ("query", "value")
 
 
@@ -83,6 +85,8 @@ def run_variant(variant: str, steps: int, B: int, T: int) -> dict:
         if variant == "ours shared+4":
             module.add_adapter("shared", LoraConfig(r=8, alpha=16, targets=TARGETS))
         rows = [tasks[i % n] for i in range(B)]
+        if variant == "ours joint-4 ckpt":
+            module.activation_checkpointing_enable()
         if variant == "ours shared+4":
             rows = [("shared", t) for t in rows]
 
