@@ -34,7 +34,7 @@ from ..core.module_paths import PEFT_PREFIX
 from ..core.routing import MixedRows, Route
 from .base import KeyMap
 from .bottleneck_config import BottleneckConfig
-from .wrapped import LayerMethod, innermost, target_paths
+from .wrapped import LayerMethod, innermost, match_saved_keys, target_paths
 
 __all__ = ["BottleneckLayer", "BottleneckMethod"]
 
@@ -349,18 +349,13 @@ class BottleneckMethod(LayerMethod):
     @torch.no_grad()
     def load_peft_state(self, name: str, state: Mapping[str, torch.Tensor], key_maps: KeyMap) -> list[str]:
         mine = self.adapter_params(name)
-        best: dict[str, str] = {}
-        for _, fn in key_maps:
-            hits = {}
-            for key in state:
-                path, _, part = key.removeprefix(PEFT_PREFIX).rpartition(".bottleneck.")
-                mapped = fn(path)
-                if mapped is not None and f"{mapped}.bottleneck.{part}" in mine:
-                    hits[key] = f"{mapped}.bottleneck.{part}"
-            if len(hits) > len(best):
-                best = hits
-            if len(hits) == len(state) == len(mine):
-                break
+
+        def own_key(key: str, fn: Callable[[str], str | None]) -> str | None:
+            path, _, part = key.removeprefix(PEFT_PREFIX).rpartition(".bottleneck.")
+            mapped = fn(path)
+            return None if mapped is None else f"{mapped}.bottleneck.{part}"
+
+        best = match_saved_keys(state, mine, key_maps, own_key)
         problems = [f"unexpected key {k}" for k in state if k not in best][:8]
         missing = sorted(set(mine) - set(best.values()))
         if missing:

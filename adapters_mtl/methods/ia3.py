@@ -21,7 +21,7 @@ from ..core.module_paths import PEFT_PREFIX
 from ..core.routing import MixedRows, Route
 from .base import KeyMap
 from .ia3_config import IA3Config
-from .wrapped import MergingLayerMethod, innermost, target_paths
+from .wrapped import MergingLayerMethod, innermost, match_saved_keys, target_paths
 
 __all__ = ["IA3Layer", "IA3Method"]
 
@@ -289,14 +289,9 @@ class IA3Method(MergingLayerMethod):
     @torch.no_grad()
     def load_peft_state(self, name: str, state: Mapping[str, torch.Tensor], key_maps: KeyMap) -> list[str]:
         mine = {p: self.layers[p].ia3_l[name] for p in self.paths[name]}
-        best: dict[str, str] = {}
-        for _, fn in key_maps:
-            paths = {k: fn(k.removeprefix(PEFT_PREFIX).removesuffix(".ia3_l")) for k in state}
-            hits = {k: p for k, p in paths.items() if p in mine}
-            if len(hits) > len(best):
-                best = hits
-            if len(hits) == len(state) == len(mine):
-                break
+        best = match_saved_keys(
+            state, mine, key_maps, lambda k, fn: fn(k.removeprefix(PEFT_PREFIX).removesuffix(".ia3_l"))
+        )
         problems = [f"unexpected key {k}" for k in state if k not in best][:8]
         missing = sorted(set(mine) - set(best.values()))
         if missing:

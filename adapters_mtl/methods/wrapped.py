@@ -6,7 +6,7 @@ adapter. LoRA keeps its own bookkeeping (stacked storage with reusable slots).""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Any, cast
 
 import torch
@@ -14,10 +14,10 @@ from torch import nn
 from typing_extensions import override
 
 from ..core.routing import Route, SlotSelection, slot_selection
-from .base import Method
+from .base import KeyMap, Method
 from .lora_layer import is_lora_target_type
 
-__all__ = ["LayerMethod", "MergingLayerMethod", "innermost", "target_paths"]
+__all__ = ["LayerMethod", "MergingLayerMethod", "innermost", "match_saved_keys", "target_paths"]
 
 
 def innermost(module: nn.Module) -> nn.Module:
@@ -39,6 +39,26 @@ def target_paths(model: nn.Module, wanted: Callable[[str], bool], own: type[nn.M
         if not name.startswith("heads.") and wanted(name):
             paths.add(name)
     return sorted(paths)
+
+
+def match_saved_keys(
+    saved: Iterable[str],
+    own: Container[str],
+    key_maps: KeyMap,
+    own_key: Callable[[str, Callable[[str], str | None]], str | None],
+) -> dict[str, str]:
+    """``{saved key: own key}`` by the key map (a way to read saved module paths on this model) that places
+    the most saved keys; ``own_key(saved key, map)`` names the adapter's own key a saved key would fill
+    under that map (None: none). Keys no map places are left out (the caller reports them)."""
+    keys = list(saved)
+    best: dict[str, str] = {}
+    for _, fn in key_maps:
+        hits = {k: o for k in keys if (o := own_key(k, fn)) is not None and o in own}
+        if len(hits) > len(best):
+            best = hits
+        if len(best) == len(keys):
+            break
+    return best
 
 
 class LayerMethod(Method):
