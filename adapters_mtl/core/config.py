@@ -83,6 +83,12 @@ def as_tuple(value: Any) -> tuple | str | None:
     return tuple(value)
 
 
+def from_peft_modules(value: Any) -> Any:
+    """A PEFT config's module names (a set or list; a regex str and None pass through) as a sorted
+    tuple, the form native configs keep (PEFT turns lists into sets, so the order is not meaningful)."""
+    return tuple(sorted(value)) if isinstance(value, (set, list)) else value
+
+
 _HEAD_KINDS = ("seq_cls", "regression", "token_cls")
 _POOLINGS = ("auto", "cls", "pooler", "mean", "last")
 # how the pooled vector becomes logits; each reproduces a Hugging Face classification head exactly

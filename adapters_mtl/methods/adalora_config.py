@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.config import as_tuple, positive_number
+from ..core.config import as_tuple, from_peft_modules, positive_number
 
 __all__ = ["AdaLoraConfig"]
 
@@ -173,9 +173,6 @@ class AdaLoraConfig:
                 + ", ".join(unsupported)
                 + ". Remove them, or use PEFT for this adapter."
             )
-        targets = cfg.target_modules
-        if isinstance(targets, (set, list)):
-            targets = tuple(sorted(targets))
         # PEFT keys its masks "<module path>.lora_E" (".lora_E.<adapter>" while training)
         pattern = {k.rsplit(".lora_E", 1)[0]: tuple(v) for k, v in (cfg.rank_pattern or {}).items()}
         return cls(
@@ -183,7 +180,7 @@ class AdaLoraConfig:
             target_r=cfg.target_r,
             # PEFT scales by lora_alpha, or by the rank when lora_alpha <= 0
             alpha=cfg.lora_alpha if cfg.lora_alpha > 0 else float(cfg.init_r),
-            targets=targets,
+            targets=from_peft_modules(cfg.target_modules),
             dropout=cfg.lora_dropout,
             tinit=cfg.tinit,
             tfinal=cfg.tfinal,

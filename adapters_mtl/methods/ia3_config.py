@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.config import as_tuple
+from ..core.config import as_tuple, from_peft_modules
 
 __all__ = ["IA3Config"]
 
@@ -70,11 +70,8 @@ class IA3Config:
                 "this peft.IA3Config uses layers_to_transform, which adapters_mtl does not support"
             )
 
-        def native(value: Any) -> tuple[str, ...] | str | None:
-            return tuple(sorted(value)) if isinstance(value, (set, list)) else value
-
         return cls(
-            targets=native(cfg.target_modules),
-            feedforward=native(cfg.feedforward_modules),
+            targets=from_peft_modules(cfg.target_modules),
+            feedforward=from_peft_modules(cfg.feedforward_modules),
             init="ones" if cfg.init_ia3_weights else "random",
         )

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from ..core.config import as_tuple, positive_number
+from ..core.config import as_tuple, from_peft_modules, positive_number
 
 __all__ = ["LoraConfig"]
 
@@ -136,13 +136,10 @@ class LoraConfig:
                 + ", ".join(unsupported)
                 + ". Remove them, or use PEFT for this adapter."
             )
-        targets = cfg.target_modules
-        if isinstance(targets, (set, list)):
-            targets = tuple(sorted(targets))
         return cls(
             r=cfg.r,
             alpha=cfg.lora_alpha,
-            targets=targets,
+            targets=from_peft_modules(cfg.target_modules),
             dropout=cfg.lora_dropout,
             use_rslora=cfg.use_rslora,
             rank_pattern=dict(cfg.rank_pattern or {}),
@@ -154,8 +151,6 @@ class LoraConfig:
                 # peft's is a list of ints or None here, never a str
                 else cast("tuple[int, ...] | None", as_tuple(cfg.layers_to_transform))
             ),
-            exclude=tuple(sorted(cfg.exclude_modules))
-            if isinstance(cfg.exclude_modules, (set, list))
-            else cfg.exclude_modules,
+            exclude=from_peft_modules(cfg.exclude_modules),
             use_dora=getattr(cfg, "use_dora", False),
         )
