@@ -4,7 +4,7 @@ A recipe has the keys ``base`` (``minilm``, ``smollm2`` or a local model folder)
 TaskSpec fields), ``adapter`` (config fields per method: ``lora:``, ``adalora:``, ``prefix:``, ``prompt:``,
 ``ia3:``, ``bottleneck:``, one or several, used for every task unless a task has its own; ``shared:``
 LoRA fields of the shared adapter when ``train.sharing`` is ``shared`` or ``adversarial``, default the
-task adapters' LoRA), ``train``
+task adapters' LoRA; with ``soft`` the task adapters start alike and no shared adapter is made), ``train``
 (TrainConfig fields) and ``registry`` (a registry root, ``default``, or ``null`` to skip publishing).
 ``key.sub=value`` overrides (YAML-parsed values) change any leaf, e.g. ``train.steps=5``.
 
@@ -174,7 +174,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict:
         )
     train = _build(TrainConfig, raw.get("train") or {}, "train", problems)
     shared = None
-    if train is not None and train.sharing != "none":
+    if train is not None and train.sharing not in ("none", "soft"):
         fields = None
         if isinstance(default_adapter, dict):
             # the shared adapter is a LoRA: adapter.shared, else adapter.lora
@@ -252,6 +252,7 @@ def run_recipe(recipe: dict, *, resume: bool = False, overwrite: bool = False) -
 
     from ..data.bases import load_base
     from ..model import AdapterModel
+    from ..training.soft_sharing import start_alike
     from ..training.trainer import MultiTaskTrainer
 
     tasks = check_before_model(recipe, resume, overwrite)
@@ -270,6 +271,11 @@ def run_recipe(recipe: dict, *, resume: bool = False, overwrite: bool = False) -
         model.add_adapter(recipe["train"].shared_adapter, recipe["shared"])
     for spec in recipe["tasks"]:
         model.add_adapter(spec.name, list(recipe["adapters"][spec.name]), head=tasks[spec.name].head_config())
+    if recipe["train"].sharing == "soft":  # fresh adapters: the pull towards the mean starts from one point
+        try:
+            start_alike(model, list(tasks))
+        except ValueError as e:
+            raise RecipeError(f"train.sharing: {e}") from e
     owners = [*tasks, *([recipe["train"].shared_adapter] if recipe.get("shared") is not None else [])]
     trainable = sum(p.numel() for t in owners for p in model.adapter_parameters(t).values())
     trainer = MultiTaskTrainer(model, tokenizer, tasks, recipe["train"])

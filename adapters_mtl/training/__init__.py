@@ -1,7 +1,8 @@
 """Multi-task training: ``MultiTaskTrainer`` drives its parts on Accelerate.
 
 config (TrainConfig), batches (what each step trains on: sampler + per-task example streams, sliced per
-process), weighting (how task losses combine), early_stopping, checkpoint (the format on disk), folding
+process), weighting (how task losses combine, torchjd's aggregators among them), soft_sharing (the pull
+towards the tasks' mean adapter), early_stopping, checkpoint (the format on disk), folding
 (shared stacks into one adapter per task), adversarial (task discriminator), objectives (per task kind:
 loss and metrics), run_state (metrics.csv, Ctrl-C), accelerator.
 """
@@ -12,6 +13,7 @@ from .trainer import MultiTaskTrainer, TrainConfig, TrainingInterrupted
 from .weighting import (
     DWA,
     GradNorm,
+    JacobianAggregation,
     LossWeighting,
     PCGrad,
     StaticWeighting,
@@ -22,6 +24,7 @@ from .weighting import (
 __all__ = [
     "DWA",
     "GradNorm",
+    "JacobianAggregation",
     "LossWeighting",
     "MultiTaskTrainer",
     "PCGrad",

@@ -18,7 +18,7 @@ __all__ = ["SCHEDULERS", "SHARING", "UNFREEZE", "TrainConfig"]
 # learning-rate schedules (transformers.get_scheduler's names), each after an optional linear warm-up
 SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
-SHARING = ("none", "shared", "adversarial")
+SHARING = ("none", "shared", "adversarial", "soft")
 UNFREEZE = ("none", "all")  # or a regular expression on base parameter names
 
 
@@ -39,15 +39,20 @@ class TrainConfig:
             the run); ``scheduler_args`` are its own options (e.g. ``num_cycles``, ``power``).
         batching: ``per_task`` (each batch from one sampled task) or ``mixed`` (a task per row, routed).
         sampling / temperature: the :class:`TaskSampler` strategy.
-        weighting / weighting_args: a loss weighting method (static, uncertainty, dwa, gradnorm, pcgrad).
+        weighting / weighting_args: a loss weighting method (:data:`~.weighting.WEIGHTINGS`: static,
+            uncertainty, dwa, gradnorm, pcgrad, or one of torchjd's aggregators upgrad, mgda, imtl_g,
+            aligned_mtl, dualproj, cagrad, nash_mtl); all but the first three need ``sharing: shared``.
         grad_accum / max_grad_norm / mixed_precision: passed to Accelerate (``no`` | ``bf16`` | ``fp16``).
         eval_every / patience: validation schedule and per-task early stopping (None: never stop).
             DWA's "epochs" are ``eval_every`` steps.
         checkpoint_every: steps between checkpoints in ``output_dir/checkpoint``.
         sharing: ``none`` (one adapter per task), ``shared`` (every row runs the stack
             (``shared_adapter``, task): hierarchical sharing) or ``adversarial`` (``shared`` plus a task
-            discriminator on the shared adapter's own representation, behind a gradient-reversal layer).
-            At the end each task's best (shared, task) stack is folded into one self-contained adapter.
+            discriminator on the shared adapter's own representation, behind a gradient-reversal layer);
+            with both, at the end each task's best (shared, task) stack is folded into one self-contained
+            adapter. ``soft``: one adapter per task, all starting from the same initial values, plus
+            ``soft_weight · (1/K) Σ_t ‖θ_t − θ̄‖²`` pulling each task's adapter parameters towards their
+            mean over the tasks (Duong et al. 2015); ``soft_weight: 0`` is independent training.
         adversarial_weight / grl_lambda: weight of the discriminator loss and strength of the reversal.
         log_with: Accelerate trackers, e.g. ``["tensorboard"]`` (logs in ``output_dir``).
         activation_checkpointing: recompute the base's layers in backward instead of keeping their
@@ -84,6 +89,7 @@ class TrainConfig:
     shared_adapter: str = "shared"
     adversarial_weight: float = 0.1
     grl_lambda: float = 1.0
+    soft_weight: float = 1.0
     log_with: list = field(default_factory=list)
     unfreeze: str = "none"
     base_lr: float = 5e-5
@@ -124,7 +130,7 @@ class TrainConfig:
         if self.weighting not in WEIGHTINGS:
             problems.append(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.sharing not in SHARING:
-            problems.append(f"sharing must be 'none', 'shared' or 'adversarial', got {self.sharing!r}")
+            problems.append(f"sharing must be one of {list(SHARING)}, got {self.sharing!r}")
         if not isinstance(self.unfreeze, str):
             problems.append(f"unfreeze must be 'none', 'all' or a regular expression, got {self.unfreeze!r}")
         elif self.unfreeze not in UNFREEZE:
@@ -163,7 +169,7 @@ class TrainConfig:
         for key in ("lr", "base_lr", "temperature"):
             if not _is_number(getattr(self, key)) or getattr(self, key) <= 0:
                 problems.append(f"{key} must be a positive number (e.g. 0.001), got {getattr(self, key)!r}")
-        for key in ("weight_decay", "adversarial_weight", "grl_lambda"):
+        for key in ("weight_decay", "adversarial_weight", "grl_lambda", "soft_weight"):
             if not _is_number(getattr(self, key)) or getattr(self, key) < 0:
                 problems.append(f"{key} must be a number >= 0, got {getattr(self, key)!r}")
         if self.max_grad_norm is not None and (not _is_number(self.max_grad_norm) or self.max_grad_norm <= 0):

@@ -35,7 +35,8 @@ from .folding import fold_stack, restore, snapshot
 from .objectives import evaluate_task, task_loss
 from .run_state import MetricsLog, StopRequest, TrainingInterrupted, crash_point
 from .sampler import TaskSampler
-from .weighting import make_weighting
+from .soft_sharing import check_soft_sharing, soft_sharing_penalty
+from .weighting import make_weighting, needs_shared
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -101,20 +102,22 @@ class MultiTaskTrainer:
     ) -> None:
         _check_tasks(model, tasks)
         self.cfg, self.tasks, self.tokenizer = config, tasks, tokenizer
-        self.shared_name = None if config.sharing == "none" else config.shared_adapter
+        self.shared_name = None if config.sharing in ("none", "soft") else config.shared_adapter
         if self.shared_name is not None:
             _check_sharing(model, tasks, config.sharing, self.shared_name)
+        if config.sharing == "soft":
+            check_soft_sharing(model, list(tasks))
         unknown_lr = sorted(set(config.task_lr) - {*tasks, *([self.shared_name] if self.shared_name else [])})
         if unknown_lr:
             raise ValueError(f"task_lr names {unknown_lr}, which are not tasks of this run: {sorted(tasks)}")
         self.shared = list(shared) or (
             list(model.adapter_parameters(self.shared_name).values()) if self.shared_name else []
         )
-        if config.weighting in ("gradnorm", "pcgrad") and not self.shared:
+        if needs_shared(config.weighting) and not self.shared:
             raise ValueError(
-                f"weighting {config.weighting!r} works on shared parameters and there are none: "
-                "set sharing: shared (a shared adapter stacked under the task adapters) or pick static, "
-                "uncertainty or dwa"
+                f"weighting {config.weighting!r} works on per-task gradients of shared parameters and there "
+                "are none: set sharing: shared (a shared adapter stacked under the task adapters) or pick "
+                "static, uncertainty or dwa"
             )
         torch.manual_seed(config.seed)
         self.acc = make_accelerator(
@@ -293,7 +296,8 @@ class MultiTaskTrainer:
             self.acc.log({k: v for k, v in self.history[-1].items() if k != "step"}, step=self.global_step)
 
     def _losses(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Per-task losses, plus ``"adversary"`` (the discriminator's loss) with adversarial sharing and
+        """Per-task losses, plus ``"adversary"`` (the discriminator's loss) with adversarial sharing,
+        ``"soft_sharing"`` (the weighted pull towards the tasks' mean adapter, :mod:`.soft_sharing`) and
         ``"regulariser"`` (the methods' :meth:`~adapters_mtl.methods.Method.training_loss` terms)."""
         inputs, rows = batch.inputs, batch.rows
         adapters: list[str | tuple[str, str] | None] = [self._route(t) for t in rows]
@@ -313,14 +317,16 @@ class MultiTaskTrainer:
         terms = [t for m in self.model.methods if (t := m.training_loss(routed)) is not None]
         if terms:  # the methods' own terms for the routed adapters (e.g. AdaLoRA's regulariser)
             losses["regulariser"] = torch.stack(terms).sum()
+        if self.cfg.sharing == "soft" and self.cfg.soft_weight:
+            losses["soft_sharing"] = self.cfg.soft_weight * soft_sharing_penalty(self.model, list(self.tasks))
         return losses
 
     def _backward(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
         """Backward the step's losses (the weighting decides how); returns the task weights used."""
-        adversary = losses.pop("adversary", None)
-        regulariser = losses.pop("regulariser", None)
-        extra = self.cfg.adversarial_weight * adversary if adversary is not None else 0.0
-        extra = extra + regulariser if regulariser is not None else extra
+        terms = {k: losses.pop(k) for k in _EXTRA_TERMS if k in losses}  # not task losses: not weighted
+        extra: torch.Tensor | float = sum(
+            (self.cfg.adversarial_weight * v if k == "adversary" else v for k, v in terms.items()), 0.0
+        )
         if self.weighting.weighted_sum:  # one weighted sum: backward through Accelerate (loss scaling)
             self.acc.backward(self.weighting.total(losses) + extra)
             weights = self.weighting.last
@@ -328,10 +334,7 @@ class MultiTaskTrainer:
             if isinstance(extra, torch.Tensor):
                 self.acc.backward(extra, retain_graph=True)
             weights = self.weighting.backward(losses, self.shared)
-        if adversary is not None:
-            losses["adversary"] = adversary
-        if regulariser is not None:
-            losses["regulariser"] = regulariser
+        losses.update(terms)  # logged beside the task losses
         return weights
 
     def _stop_requested(self, stop: StopRequest) -> bool:
@@ -414,6 +417,9 @@ class MultiTaskTrainer:
         if self.acc.is_main_process:  # one writer
             self.save_checkpoint(path)
         self.acc.wait_for_everyone()
+
+
+_EXTRA_TERMS = ("adversary", "regulariser", "soft_sharing")
 
 
 def _param_groups(trainable: dict[str, nn.Parameter], config: TrainConfig) -> list[dict[str, Any]]:

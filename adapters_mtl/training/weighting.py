@@ -16,27 +16,35 @@ GradNorm and PCGrad work on their gradients only, task adapters and heads get th
                (Chen et al. 2018), w renormalised to sum to K
   pcgrad       per-task gradients on `shared`; a gradient conflicting with another (negative dot product)
                loses its component along it (Yu et al. 2020)
+  upgrad, mgda, imtl_g, aligned_mtl, dualproj, cagrad, nash_mtl
+               torchjd's aggregators of the per-task gradients on `shared` (the K×P Jacobian): UPGrad
+               (Quinton & Rey 2024), MGDA (Désidéri 2012; Sener & Koltun 2018), IMTL-G (Liu et al. 2021),
+               Aligned-MTL (Senushkin et al. 2023), DualProj, CAGrad (Liu et al. 2021) and Nash-MTL (Navon
+               et al. 2022); the last two need cvxpy (``pip install "torchjd[full]"``)
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
 
 __all__ = [
+    "AGGREGATORS",
     "DWA",
     "WEIGHTINGS",
     "GradNorm",
+    "JacobianAggregation",
     "LossWeighting",
     "PCGrad",
     "StaticWeighting",
     "UncertaintyWeighting",
     "make_weighting",
+    "needs_shared",
 ]
 
 Losses = Mapping[str, torch.Tensor]
@@ -225,6 +233,36 @@ def _task_grads(losses: Losses, shared: Sequence[nn.Parameter]) -> dict[str, tup
     }
 
 
+def _replace_shared_gradient(
+    losses: Losses,
+    shared: Sequence[nn.Parameter],
+    combine: Callable[[list[torch.Tensor]], torch.Tensor],
+) -> None:
+    """Backward ``losses`` with the shared parameters' gradient ``combine(per-task flat gradients)``
+    instead of their sum; every other parameter gets its ordinary gradient Σ_i ∇L_i. Gradients already in
+    ``.grad`` (earlier accumulation steps, an adversarial loss) are kept."""
+    per_task = _task_grads(losses, shared)
+    flat = [
+        torch.cat(
+            [
+                (g if g is not None else torch.zeros_like(p)).reshape(-1)
+                for g, p in zip(grads, shared, strict=True)
+            ]
+        )
+        for grads in per_task.values()
+    ]
+    merged = combine(flat)  # (P,)
+    before = [p.grad.clone() if p.grad is not None else None for p in shared]
+    cast(torch.Tensor, sum(losses.values())).backward()  # task-specific parameters: ordinary gradients
+    offset = 0
+    for p, prior in zip(shared, before, strict=True):  # shared: the combined gradient replaces Σ_i g_i
+        n = p.numel()
+        p.grad = merged[offset : offset + n].view_as(p).to(p.dtype)
+        if prior is not None:
+            p.grad += prior
+        offset += n
+
+
 class GradNorm(LossWeighting):
     """GradNorm with its own small optimiser for the task weights (so it is self-contained).
 
@@ -345,31 +383,11 @@ class PCGrad(LossWeighting):
         self._check(losses)
         if not shared:
             raise ValueError("PCGrad needs the shared parameters (gradient surgery applies to them only)")
-        names = list(losses)
-        per_task = _task_grads(losses, shared)
-        flat = [
-            torch.cat(
-                [
-                    (g if g is not None else torch.zeros_like(p)).reshape(-1)
-                    for g, p in zip(per_task[t], shared, strict=True)
-                ]
-            )
-            for t in names
-        ]
-        order = list(range(len(names)))
+        order = list(range(len(losses)))
         if self.shuffle:
             self._rng.shuffle(order)
-        merged = self.project(flat, order)
-        before = [p.grad.clone() if p.grad is not None else None for p in shared]  # accumulated so far
-        cast(torch.Tensor, sum(losses.values())).backward()  # task-specific parameters: ordinary gradients
-        offset = 0
-        for p, prior in zip(shared, before, strict=True):  # shared: the projected sum replaces Σ_i g_i
-            n = p.numel()
-            p.grad = merged[offset : offset + n].view_as(p).to(p.dtype)
-            if prior is not None:  # earlier gradients (accumulation steps, an adversarial loss) are kept
-                p.grad += prior
-            offset += n
-        self.last = {t: 1.0 for t in names}
+        _replace_shared_gradient(losses, shared, lambda flat: self.project(flat, order))
+        self.last = {t: 1.0 for t in losses}
         return self.last
 
     def state_dict(self) -> dict[str, Any]:
@@ -383,6 +401,81 @@ class PCGrad(LossWeighting):
             self._rng.setstate((version, tuple(internal), gauss))
 
 
+class JacobianAggregation(LossWeighting):
+    """One of torchjd's weighted aggregators of the per-task gradients on the shared parameters.
+
+    torchjd (maintained, tested against the papers' code) computes the task weights ``w`` from the K×P
+    Jacobian ``J`` of the shared parameters; the shared gradient becomes ``K·wᵀJ`` (the factor K makes a
+    step without conflict the size of a static run's Σ_i ∇L_i: UPGrad's and MGDA's weights sum to about 1).
+    Task-specific parameters (task adapters, heads) get their ordinary gradients; ``last`` holds ``K·w``.
+
+    Args:
+        tasks: task names.
+        aggregator: a key of :data:`AGGREGATORS`.
+        **kwargs: the torchjd aggregator's own arguments (e.g. ``c`` for CAGrad, ``max_norm`` for Nash-MTL;
+            a ``pref_vector`` given as a list).
+
+    Raises:
+        ImportError: the aggregator needs a solver torchjd installs as an extra (CAGrad, Nash-MTL: cvxpy).
+    """
+
+    weighted_sum = False
+
+    def __init__(self, tasks: Sequence[str], aggregator: str = "upgrad", **kwargs: Any) -> None:
+        super().__init__(tasks)
+        from torchjd import aggregation
+
+        if aggregator not in AGGREGATORS:
+            raise ValueError(f"unknown aggregator {aggregator!r}; expected one of {sorted(AGGREGATORS)}")
+        cls_name, defaults = AGGREGATORS[aggregator]
+        args = {**defaults, **kwargs}
+        if "n_tasks" in args:
+            args["n_tasks"] = len(self.tasks)
+        if isinstance(args.get("pref_vector"), (list, tuple)):
+            args["pref_vector"] = torch.tensor(args["pref_vector"], dtype=torch.float32)
+        try:
+            self.aggregator = getattr(aggregation, cls_name)(**args)
+        except ImportError as e:
+            raise ImportError(
+                f"the {aggregator!r} weighting needs torchjd's optional solver ({e}); install it with "
+                '`pip install "torchjd[full]"`, or pick upgrad, mgda, imtl_g, aligned_mtl or dualproj'
+            ) from e
+        self.name = aggregator
+
+    def backward(self, losses: Losses, shared: Sequence[nn.Parameter] = ()) -> dict[str, float]:
+        self._check(losses)
+        if not shared:
+            raise ValueError(
+                f"the {self.name!r} weighting aggregates per-task gradients of the shared parameters and "
+                "got none: set sharing: shared"
+            )
+        k = len(losses)
+        weights = torch.ones(k)
+
+        def combine(flat: list[torch.Tensor]) -> torch.Tensor:
+            nonlocal weights
+            jacobian = torch.stack(flat).float()  # (K, P)
+            if k == 1:  # one task in the batch: nothing to aggregate
+                return jacobian[0]
+            weights = k * self.aggregator.weighting(jacobian).detach()  # (K,)
+            return weights @ jacobian
+
+        _replace_shared_gradient(losses, shared, combine)
+        self.last = {t: float(w) for t, w in zip(losses, weights.tolist(), strict=True)}
+        return self.last
+
+
+# weighting name -> (torchjd aggregator class, default arguments); all are WeightedAggregators
+AGGREGATORS: dict[str, tuple[str, dict[str, Any]]] = {
+    "upgrad": ("UPGrad", {}),
+    "mgda": ("MGDA", {}),
+    "imtl_g": ("IMTLG", {}),
+    "aligned_mtl": ("AlignedMTL", {}),
+    "dualproj": ("DualProj", {}),
+    "cagrad": ("CAGrad", {"c": 0.5}),
+    "nash_mtl": ("NashMTL", {"n_tasks": 0}),
+}
+
 _METHODS: dict[str, type[LossWeighting]] = {
     "static": StaticWeighting,
     "uncertainty": UncertaintyWeighting,
@@ -390,7 +483,7 @@ _METHODS: dict[str, type[LossWeighting]] = {
     "gradnorm": GradNorm,
     "pcgrad": PCGrad,
 }
-WEIGHTINGS = tuple(_METHODS)
+WEIGHTINGS = (*_METHODS, *AGGREGATORS)
 
 
 def make_weighting(name: str, tasks: Sequence[str], **kwargs: Any) -> LossWeighting:
@@ -404,6 +497,13 @@ def make_weighting(name: str, tasks: Sequence[str], **kwargs: Any) -> LossWeight
     Raises:
         ValueError: an unknown name.
     """
+    if name in AGGREGATORS:
+        return JacobianAggregation(tasks, name, **kwargs)
     if name not in _METHODS:
-        raise ValueError(f"unknown loss weighting {name!r}; expected one of {sorted(_METHODS)}")
+        raise ValueError(f"unknown loss weighting {name!r}; expected one of {sorted(WEIGHTINGS)}")
     return _METHODS[name](tasks, **kwargs)
+
+
+def needs_shared(name: str) -> bool:
+    """Whether weighting ``name`` works on per-task gradients of shared parameters (so a run needs some)."""
+    return name in AGGREGATORS or (name in _METHODS and not _METHODS[name].weighted_sum)

@@ -162,11 +162,16 @@ def test_shared_adapter_training_lowers_losses_and_folds_each_task_into_one_adap
 
 def test_sharing_and_weighting_errors(tmp_path, setup):
     tok, tasks, base = setup
-    with pytest.raises(ValueError, match="sharing must be 'none', 'shared' or 'adversarial'"):
+    with pytest.raises(
+        ValueError, match=r"sharing must be one of \['none', 'shared', 'adversarial', 'soft'\]"
+    ):
         TrainConfig(sharing="yes")
     with pytest.raises(ValueError, match="needs a shared LoRA adapter named 'shared'"):
         MultiTaskTrainer(task_model(base, tasks), tok, tasks, train_config(tmp_path, sharing="shared"))
-    with pytest.raises(ValueError, match="weighting 'pcgrad' works on shared parameters and there are none"):
+    with pytest.raises(
+        ValueError,
+        match="weighting 'pcgrad' works on per-task gradients of shared parameters and there are none",
+    ):
         MultiTaskTrainer(task_model(base, tasks), tok, tasks, train_config(tmp_path, weighting="pcgrad"))
 
 
