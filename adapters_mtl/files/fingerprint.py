@@ -10,7 +10,7 @@ import torch
 
 from ..model import AdapterModel
 
-__all__ = ["base_fingerprint", "base_id"]
+__all__ = ["base_fingerprint", "base_id", "pin_base_fingerprint"]
 
 
 def base_fingerprint(model: AdapterModel, *, whole_model: bool = False) -> str:
@@ -40,6 +40,9 @@ def base_fingerprint(model: AdapterModel, *, whole_model: bool = False) -> str:
         raise RuntimeError(
             f"adapter {model.merged_adapter!r} is merged; unmerge() before fingerprinting the base"
         )
+    pinned = getattr(model, "_pinned_base_fingerprint", None)
+    if pinned is not None and not whole_model:
+        return pinned
     # cached, keyed by where each base tensor lives and its version counter (in-place edits,
     # .to(dtype/device) and load_state_dict all change the key)
     backbone = model.base if whole_model else getattr(model.base, "base_model", model.base)
@@ -72,6 +75,15 @@ def base_fingerprint(model: AdapterModel, *, whole_model: bool = False) -> str:
     value = "sha256:" + h.hexdigest()
     if not whole_model:
         object.__setattr__(model, "_base_fingerprint", (cache_key, value))
+    return value
+
+
+def pin_base_fingerprint(model: AdapterModel) -> str:
+    """Compute :func:`base_fingerprint` now and keep it for the model's life: for a base about to become
+    unreadable in one process, e.g. sharded over processes (FSDP), whose frozen weights no longer change.
+    Saving an adapter from the sharded model then needs no collective read of the base."""
+    value = base_fingerprint(model)
+    object.__setattr__(model, "_pinned_base_fingerprint", value)
     return value
 
 

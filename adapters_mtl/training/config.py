@@ -60,6 +60,9 @@ class TrainConfig:
         unfreeze / base_lr: which base-model parameters train too — ``none`` (adapters and heads only),
             ``all`` (full fine-tuning, e.g. a baseline with head-only adapters) or a regular expression on
             parameter names (e.g. ``layer\\.5\\.``) — and their learning rate.
+        fsdp: shard the frozen base over the processes with FSDP2 (one unit per transformer layer); the
+            adapters and heads stay whole and DDP averages their gradients. Also on under an
+            ``accelerate launch`` FSDP config (``configs/accelerate_fsdp.yaml``). Needs several processes.
     """
 
     steps: int | None = None
@@ -94,6 +97,7 @@ class TrainConfig:
     unfreeze: str = "none"
     base_lr: float = 5e-5
     activation_checkpointing: bool = False
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -146,6 +150,8 @@ class TrainConfig:
             problems.append(
                 f"log_with must be a list of tracker names (e.g. [tensorboard]), got {self.log_with!r}"
             )
+        if not isinstance(self.fsdp, bool):
+            problems.append(f"fsdp must be true or false, got {self.fsdp!r}")
         if not isinstance(self.activation_checkpointing, bool):
             problems.append(
                 f"activation_checkpointing must be true or false, got {self.activation_checkpointing!r}"

@@ -25,7 +25,7 @@ from transformers import get_scheduler
 from ..core.heads import pool
 from ..data.tasks import TaskData
 from ..model import AdapterModel
-from .accelerator import make_accelerator
+from .accelerator import fsdp_requested, make_accelerator, shard_frozen_base
 from .adversarial import TaskDiscriminator
 from .batches import Batch, BatchSource
 from .checkpoint import Checkpointer
@@ -165,6 +165,8 @@ class MultiTaskTrainer:
         self.step_module = _TrainStep(model, discriminator)
         self.unfrozen = _unfreeze(model, config.unfreeze)
         self.trainable = self._trainable_parameters()
+        if fsdp_requested(config.fsdp):  # the frozen base sharded; trainable parameters stay whole (DDP)
+            shard_frozen_base(self.step_module, model, self.acc.device)
         optimizer = torch.optim.AdamW(
             _param_groups(self.trainable, config), lr=config.lr, weight_decay=config.weight_decay
         )
