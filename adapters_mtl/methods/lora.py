@@ -96,8 +96,10 @@ class LoraMethod(Method):
         if targets == "all-linear":  # PEFT's shorthand: every Linear/Conv1D except the output layer
             model: Any = self.model  # a transformers model (get_output_embeddings) or a plain module
             out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-            targets = [
-                p for p, m in candidates.items() if m is not out and getattr(m, "base_layer", None) is not out
+            targets = [  # a bare encoder (BertModel) has no output layer: every Linear is a target
+                p
+                for p, m in candidates.items()
+                if out is None or (m is not out and getattr(m, "base_layer", None) is not out)
             ]
         peft_cfg = config.to_peft(target_modules=targets)
         matched = [p for p in candidates if check_target_module_exists(peft_cfg, p) and not _excluded(p)]

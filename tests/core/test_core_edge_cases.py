@@ -133,13 +133,23 @@ def test_base_fingerprint_follows_the_weights():
     assert base_fingerprint(model) == base_fingerprint(AdapterModel(tiny("llama").to(torch.float64)))
 
 
-def test_peft_config_options_are_honoured_or_refused():
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_peft_config_options_are_honoured_or_refused(family):
     import peft
 
-    base = tiny("llama")
+    base = tiny(family)
+    # a bare encoder (BertModel) has no output layer: all-linear targeted nothing there before
     for cfg in (
-        peft.LoraConfig(
-            r=2, target_modules=["q_proj", "v_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"]
+        *(
+            [
+                peft.LoraConfig(
+                    r=2,
+                    target_modules=["q_proj", "v_proj"],
+                    exclude_modules=["model.layers.0.self_attn.q_proj"],
+                )
+            ]
+            if family == "llama"
+            else []
         ),
         peft.LoraConfig(r=2, target_modules="all-linear"),
     ):
