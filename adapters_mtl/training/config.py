@@ -11,7 +11,7 @@ from typing import Any
 from ..core.config import validate_name
 from .batches import BATCHING
 from .sampler import STRATEGIES
-from .weighting import WEIGHTINGS
+from .weighting import WEIGHTINGS, needs_shared
 
 __all__ = ["SCHEDULERS", "SHARING", "UNFREEZE", "TrainConfig"]
 
@@ -152,6 +152,22 @@ class TrainConfig:
             )
         if not isinstance(self.fsdp, bool):
             problems.append(f"fsdp must be true or false, got {self.fsdp!r}")
+        elif self.fsdp and self.unfreeze != "none":
+            problems.append(
+                f"fsdp shards the frozen base and keeps trainable weights whole; unfreeze={self.unfreeze!r} "
+                "would train base weights it cannot shard: use unfreeze: none with fsdp"
+            )
+        if self.weighting in WEIGHTINGS and needs_shared(self.weighting):
+            if self.batching == "per_task":
+                problems.append(
+                    f"weighting {self.weighting!r} compares the tasks' gradients within one batch, and "
+                    "batching: per_task gives each batch one task (nothing to compare): set batching: mixed"
+                )
+            if self.mixed_precision == "fp16":
+                problems.append(
+                    f"weighting {self.weighting!r} runs its own per-task backward passes, outside fp16's "
+                    "loss scaling: use mixed_precision: bf16 (or no)"
+                )
         if not isinstance(self.activation_checkpointing, bool):
             problems.append(
                 f"activation_checkpointing must be true or false, got {self.activation_checkpointing!r}"

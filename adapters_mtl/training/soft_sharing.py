@@ -38,14 +38,18 @@ def check_soft_sharing(model: AdapterModel, tasks: Sequence[str]) -> None:
         raise ValueError(f"sharing: soft pulls several tasks' adapters together; this run has {list(tasks)}")
     shapes = {t: {k: tuple(p.shape) for k, p in _adapter_only(model, t).items()} for t in tasks}
     first = tasks[0]
+    empty = [t for t in tasks if not shapes[t]]
+    if empty:
+        raise ValueError(
+            f"sharing: soft pulls adapter parameters together and {empty} have none (head-only tasks): "
+            "give every task an adapter (e.g. adapter: {lora: {r: 8}})"
+        )
     differ = [t for t in tasks[1:] if shapes[t] != shapes[first]]
-    if differ or not shapes[first]:
-        detail = {
-            t: sorted(set(shapes[t].items()) ^ set(shapes[first].items()))[:3] for t in differ
-        } or "no adapter parameters"
+    if differ:
+        detail = {t: sorted(set(shapes[t].items()) ^ set(shapes[first].items()))[:3] for t in differ}
         raise ValueError(
             f"sharing: soft needs every task adapter to have the same parameters (the same method config); "
-            f"{differ or [first]} differ from {first!r}: {detail}. Give the tasks one adapter config."
+            f"{differ} differ from {first!r}: {detail}. Give the tasks one adapter config."
         )
 
 
@@ -57,7 +61,10 @@ def soft_sharing_penalty(model: AdapterModel, tasks: Sequence[str]) -> torch.Ten
         stacked = torch.stack([params[key].float() for params in per_task])  # (K, *shape)
         term = (stacked - stacked.mean(0, keepdim=True)).pow(2).sum()
         total = term if total is None else total + term
-    assert total is not None  # check_soft_sharing refuses adapters without parameters
+    if total is None:
+        raise ValueError(
+            f"sharing: soft: the tasks {list(tasks)} have no adapter parameters to pull together"
+        )
     return total / len(tasks)
 
 

@@ -107,6 +107,17 @@ class MultiTaskTrainer:
             _check_sharing(model, tasks, config.sharing, self.shared_name)
         if config.sharing == "soft":
             check_soft_sharing(model, list(tasks))
+        if fsdp_requested(config.fsdp) and any(d.generative for d in tasks.values()):
+            raise ValueError(
+                "fsdp with causal_lm tasks is not supported yet: generation calls the base's generate(), "
+                "which bypasses the sharded root's gathering; train them without fsdp"
+            )
+        if fsdp_requested(config.fsdp) and config.unfreeze != "none":
+            raise ValueError(
+                f"fsdp shards the frozen base; unfreeze={config.unfreeze!r} would train base weights it "
+                "keeps whole on every process and the published base fingerprint would be stale: use "
+                "unfreeze: none with fsdp"
+            )
         unknown_lr = sorted(set(config.task_lr) - {*tasks, *([self.shared_name] if self.shared_name else [])})
         if unknown_lr:
             raise ValueError(f"task_lr names {unknown_lr}, which are not tasks of this run: {sorted(tasks)}")
@@ -335,7 +346,9 @@ class MultiTaskTrainer:
         else:  # gradient surgery / GradNorm work on per-task gradients themselves (they add to .grad)
             if isinstance(extra, torch.Tensor):
                 self.acc.backward(extra, retain_graph=True)
-            weights = self.weighting.backward(losses, self.shared)
+            # divided like acc.backward divides a loss (gradient accumulation averages the micro-batches)
+            scale = 1.0 / self.cfg.grad_accum
+            weights = self.weighting.backward({t: v * scale for t, v in losses.items()}, self.shared)
         losses.update(terms)  # logged beside the task losses
         return weights
 

@@ -252,6 +252,11 @@ def _replace_shared_gradient(
         for grads in per_task.values()
     ]
     merged = combine(flat)  # (P,)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # autograd.grad bypasses DDP's hooks: average the processes' combined gradients (each combined
+        # its own batch's), so the shared adapter's replicas stay identical
+        torch.distributed.all_reduce(merged)
+        merged /= torch.distributed.get_world_size()
     before = [p.grad.clone() if p.grad is not None else None for p in shared]
     cast(torch.Tensor, sum(losses.values())).backward()  # task-specific parameters: ordinary gradients
     offset = 0
@@ -409,11 +414,15 @@ class JacobianAggregation(LossWeighting):
     step without conflict the size of a static run's Σ_i ∇L_i: UPGrad's and MGDA's weights sum to about 1).
     Task-specific parameters (task adapters, heads) get their ordinary gradients; ``last`` holds ``K·w``.
 
+    The Jacobian's rows are in ``tasks`` order; a batch without some task aggregates the tasks it has
+    (Nash-MTL, whose solver is built for all K tasks, takes the plain sum for such a step). Nash-MTL's
+    warm start between steps is not in :meth:`state_dict`: a resumed Nash-MTL run restarts it.
+
     Args:
         tasks: task names.
         aggregator: a key of :data:`AGGREGATORS`.
         **kwargs: the torchjd aggregator's own arguments (e.g. ``c`` for CAGrad, ``max_norm`` for Nash-MTL;
-            a ``pref_vector`` given as a list).
+            ``pref_vector`` as a list in ``tasks`` order).
 
     Raises:
         ImportError: the aggregator needs a solver torchjd installs as an extra (CAGrad, Nash-MTL: cvxpy).
@@ -431,10 +440,15 @@ class JacobianAggregation(LossWeighting):
         args = {**defaults, **kwargs}
         if "n_tasks" in args:
             args["n_tasks"] = len(self.tasks)
-        if isinstance(args.get("pref_vector"), (list, tuple)):
-            args["pref_vector"] = torch.tensor(args["pref_vector"], dtype=torch.float32)
+        pref = args.pop("pref_vector", None)
+        if pref is not None and (not isinstance(pref, (list, tuple)) or len(pref) != len(self.tasks)):
+            raise ValueError(
+                f"pref_vector must list one number per task in the order {self.tasks}, got {pref!r}"
+            )
+        self.pref = None if pref is None else dict(zip(self.tasks, map(float, pref), strict=True))
+        self._make = lambda **extra: getattr(aggregation, cls_name)(**args, **extra)
         try:
-            self.aggregator = getattr(aggregation, cls_name)(**args)
+            self.aggregator = self._make()
         except ImportError as e:
             raise ImportError(
                 f"the {aggregator!r} weighting needs torchjd's optional solver ({e}); install it with "
@@ -449,19 +463,25 @@ class JacobianAggregation(LossWeighting):
                 f"the {self.name!r} weighting aggregates per-task gradients of the shared parameters and "
                 "got none: set sharing: shared"
             )
-        k = len(losses)
+        ordered = {t: losses[t] for t in self.tasks if t in losses}  # the Jacobian's rows: task order
+        k = len(ordered)
         weights = torch.ones(k)
+        aggregator = self.aggregator
+        if self.pref is not None:  # the preferences of the tasks present, on the gradients' device
+            device = next(iter(ordered.values())).device
+            aggregator = self._make(pref_vector=torch.tensor([self.pref[t] for t in ordered], device=device))
+        plain_sum = k == 1 or (self.name == "nash_mtl" and k < len(self.tasks))
 
         def combine(flat: list[torch.Tensor]) -> torch.Tensor:
             nonlocal weights
-            jacobian = torch.stack(flat).float()  # (K, P)
-            if k == 1:  # one task in the batch: nothing to aggregate
-                return jacobian[0]
-            weights = k * self.aggregator.weighting(jacobian).detach()  # (K,)
-            return weights @ jacobian
+            jacobian = torch.stack(flat).float()  # (k, P)
+            if plain_sum:  # one task (nothing to aggregate), or Nash-MTL without all its tasks
+                return jacobian.sum(0)
+            weights = k * aggregator.weighting(jacobian).detach().cpu()  # (k,)
+            return weights.to(jacobian.device) @ jacobian
 
-        _replace_shared_gradient(losses, shared, combine)
-        self.last = {t: float(w) for t, w in zip(losses, weights.tolist(), strict=True)}
+        _replace_shared_gradient(ordered, shared, combine)
+        self.last = {t: float(w) for t, w in zip(ordered, weights.tolist(), strict=True)}
         return self.last
 
 

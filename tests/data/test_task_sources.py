@@ -128,12 +128,17 @@ def test_bbc_pairs_match_each_headline_with_its_paragraph_and_another_of_its_top
     spec = TaskSpec(name="pairs", source="bbc_news", extra={"pairs": True}, text_pair_column="text_pair")
     rows = PACKAGED["bbc_news"](spec)
     topics = {r["text"]: r["label"] for r in PACKAGED["bbc_news"](TaskSpec(name="t", source="bbc_news"))}
-    assert len(rows) == 2 * 2225 and [r["label"] for r in rows[:2]] == ["match", "mismatch"]
-    own = {r["text_pair"]: r["text"] for r in rows if r["label"] == "match"}  # paragraph -> its headline
+    # 2,225 articles, 2,105 distinct (headline, first paragraph) within their topic: a pair each way
+    assert len(rows) == 2 * 2105 and [r["label"] for r in rows[:2]] == ["match", "mismatch"]
+    matches = [(r["text"], r["text_pair"]) for r in rows if r["label"] == "match"]
+    assert len(set(matches)) == len(matches)  # no pair twice: none can sit in two splits
+    owners: dict[str, set[str]] = {}  # paragraph -> the headlines it belongs to
+    for headline, paragraph in matches:
+        owners.setdefault(paragraph, set()).add(headline)
     for match, mismatch in zip(rows[::2], rows[1::2], strict=True):
         assert match["text"] == mismatch["text"] and match["text_pair"] != mismatch["text_pair"]
-        other = own[mismatch["text_pair"]]  # the article the wrong paragraph comes from: same topic
-        assert other != match["text"] and topics[other] == topics[match["text"]]
+        other = owners[mismatch["text_pair"]]  # the articles the wrong paragraph comes from: same topic
+        assert match["text"] not in other and {topics[h] for h in other} == {topics[match["text"]]}
     assert PACKAGED["bbc_news"](spec) == rows  # seeded
     tok = minilm_tokenizer()
     data = load_task(spec)

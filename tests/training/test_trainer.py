@@ -172,7 +172,16 @@ def test_sharing_and_weighting_errors(tmp_path, setup):
         ValueError,
         match="weighting 'pcgrad' works on per-task gradients of shared parameters and there are none",
     ):
-        MultiTaskTrainer(task_model(base, tasks), tok, tasks, train_config(tmp_path, weighting="pcgrad"))
+        MultiTaskTrainer(
+            task_model(base, tasks), tok, tasks, train_config(tmp_path, weighting="pcgrad", batching="mixed")
+        )
+    # gradient surgery / aggregation compares the tasks of one batch, outside fp16's loss scaling
+    with pytest.raises(ValueError, match="batching: per_task gives each batch one task.*set batching: mixed"):
+        TrainConfig(weighting="upgrad", batching="per_task")
+    with pytest.raises(ValueError, match="outside fp16's loss scaling: use mixed_precision: bf16"):
+        TrainConfig(weighting="pcgrad", batching="mixed", mixed_precision="fp16")
+    with pytest.raises(ValueError, match="unfreeze='all' would train base weights it cannot shard"):
+        TrainConfig(fsdp=True, unfreeze="all")
 
 
 def test_adversarial_uncertainty_run_resumes_exactly_and_logs_to_tensorboard(tmp_path, setup):
