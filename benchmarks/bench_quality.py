@@ -23,6 +23,7 @@ import datetime
 import json
 import platform
 import statistics
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -192,12 +193,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {label} | {' | '.join(cells)} | {mean:.3f} | 0 | - |")
     goals = _goals(rows, means)
     if goals:
-        print("\nGoals (mean over seeds; ± the std of the paired per-seed differences):")
+        print("\nGoals (mean over seeds; ± the std of the per-seed differences, seeds paired by index):")
         for line in goals:
             print(f"* {line}")
     result = {
         "date": when,
-        "command": "python benchmarks/bench_quality.py " + " ".join(argv if argv is not None else []),
+        "command": " ".join(
+            ["python benchmarks/bench_quality.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "steps": args.steps,
@@ -229,7 +232,7 @@ def _goals(rows: list[dict], means: dict[str, list[float]]) -> list[str]:
                 for a, b in zip(ft["seeds"], lora["seeds"], strict=True)
             ]
             mean, std = _stats(diff)
-            verdict = "met" if mean >= -0.01 else f"missed by {100 * (-0.01 - mean):.1f} points"
+            verdict = "met on the mean" if mean >= -0.01 else f"missed by {100 * (-0.01 - mean):.1f} points"
             out.append(
                 f"LoRA − full fine-tuning, {t}: {100 * mean:+.1f} ± {100 * std:.1f} points ({verdict}; goal ≥ −1)"
             )
@@ -240,7 +243,7 @@ def _goals(rows: list[dict], means: dict[str, list[float]]) -> list[str]:
             if not run.startswith(("joint", "soft", "adversarial", "prefix")) or len(values) != len(single):
                 continue
             mean, std = _stats([a - b for a, b in zip(values, single, strict=True)])
-            verdict = "met" if mean >= 0 else f"missed by {100 * -mean:.1f} points"
+            verdict = "met on the mean" if mean >= 0 else f"missed by {100 * -mean:.1f} points"
             out.append(
                 f"{run} − {equal} mean accuracy: {100 * mean:+.1f} ± {100 * std:.1f} points ({verdict}; goal ≥ 0)"
             )
