@@ -1,9 +1,9 @@
-"""Worker of test_fsdp.py: trains two tasks on a tiny BERT with the frozen base sharded by FSDP2 (or, in
-one process, without); prints what each process holds of the base and the main process writes the
-adapters (tensors, and each adapter as a folder with ``save_adapter``).
+"""Worker of test_distributed.py: trains two tasks on a tiny BERT under DDP or, with MODE fsdp, with the
+frozen base sharded by FSDP2 (in one process: neither); prints what each process holds of the base and
+the main process writes the adapters (tensors, and each adapter as a folder with ``save_adapter``).
 
-Run: python -m torch.distributed.run --nproc_per_node N tests/training/fsdp_worker.py OUT BATCH TMPDIR
-(OUT: the .safetensors file written; the folders go next to it)
+Run: python -m torch.distributed.run --nproc_per_node N tests/training/distributed_worker.py OUT BATCH TMPDIR MODE
+(OUT: the .safetensors file written; the folders go next to it; MODE: ddp | fsdp)
 """
 
 import json
@@ -21,7 +21,8 @@ from adapters_mtl.training import MultiTaskTrainer, TrainConfig  # noqa: E402
 
 
 def main() -> None:
-    out, batch_size, tmp = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+    out, batch_size, tmp, mode = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+    fsdp = mode == "fsdp"
     tok = minilm_tokenizer()
     tasks = {t: load_task(TaskSpec(name=t, source=str(tmp / f"{t}.csv"))) for t in ("topic", "mood")}
     model = task_model(tiny("bert", vocab_size=tok.vocab_size, max_position_embeddings=64), tasks)
@@ -31,12 +32,12 @@ def main() -> None:
         steps=6,
         batch_size=batch_size,
         lr=1e-2,
-        eval_every=3,  # evaluation runs on the sharded model between steps
-        max_grad_norm=1.0,  # clipped after DDP's averaging: the same as one process
+        eval_every=3 if fsdp else 100,  # with fsdp, evaluation runs on the sharded model between steps
+        max_grad_norm=1.0 if fsdp else None,  # clipped after DDP's averaging: the same as one process
         checkpoint_every=3,
         output_dir=str(tmp / f"run{batch_size}"),
         seed=0,
-        fsdp=True,  # sharded only when there are several processes
+        fsdp=fsdp,  # sharded only when there are several processes
     )
     trainer = MultiTaskTrainer(model, tok, tasks, cfg)
     trainer.train()

@@ -1,6 +1,7 @@
-"""A real 2-process FSDP2 run on CPU (gloo, launched with torch.distributed.run): the frozen base is
-sharded (each process holds half of each base weight), the adapters stay whole and train exactly as in
-1 process with the same global batch, and what is saved loads into a fresh model."""
+"""Real 2-process runs on CPU (gloo, launched with torch.distributed.run): under DDP and with the frozen
+base sharded by FSDP2 (each process holds half of each base weight; the adapters stay whole), training
+equals 1 process with the same global batch, only the main process writes, and what it saves loads into a
+fresh model."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 from adapters_mtl import AdapterModel
 from adapters_mtl.files.folder import load_adapter
 
-WORKER = str(Path(__file__).parent / "fsdp_worker.py")
+WORKER = str(Path(__file__).parent / "distributed_worker.py")
 
 
 def _run(args, tmp_path):
@@ -32,25 +33,36 @@ def _held(stdout: str) -> list[dict]:
     return sorted(rows, key=lambda r: r["rank"])
 
 
-def test_two_process_fsdp_shards_the_base_and_matches_one_process(tmp_path):
+def _one_and_two_processes(tmp_path, mode: str) -> tuple[str, str, dict, dict]:
+    """Run the worker in 1 process (batch 8) and 2 (batch 4 each); their stdouts and saved tensors."""
     task_csv(tmp_path / "topic.csv", 160, *TOPIC, 1, filler=5)
     task_csv(tmp_path / "mood.csv", 120, *MOOD, 2, filler=5)
-    one = _run([sys.executable, WORKER, str(tmp_path / "one.safetensors"), "8", str(tmp_path)], tmp_path)
-    two = _run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            WORKER,
-            str(tmp_path / "two.safetensors"),
-            "4",
-            str(tmp_path),
-        ],
-        tmp_path,
+    one = _run(
+        [sys.executable, WORKER, str(tmp_path / "one.safetensors"), "8", str(tmp_path), mode], tmp_path
     )
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    two = _run([*launch, WORKER, str(tmp_path / "two.safetensors"), "4", str(tmp_path), mode], tmp_path)
+    assert one.count("saved by process") == 1 and two.count("saved by process 0 of 2") == 1
+    assert "saved by process 1" not in two
+    a, b = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=k)
+    assert any((a[k] != 0).any() for k in a if "lora_B" in k)  # training really moved the adapters
+    assert sorted(p.name for p in (tmp_path / "run4" / "checkpoint").iterdir()) == [
+        "state.safetensors",
+        "trainer_state.json",
+    ]
+    return one, two, a, b
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    _, two, _, _ = _one_and_two_processes(tmp_path, "ddp")
+    assert all(r["sharded"] == 0 for r in _held(two))  # plain DDP: every process holds the whole base
+
+
+def test_two_process_fsdp_shards_the_base_and_matches_one_process(tmp_path):
+    one, two, _, b = _one_and_two_processes(tmp_path, "fsdp")
     # one process: nothing sharded; two: every frozen base tensor split in halves
     (alone,) = _held(one)
     assert alone["sharded"] == 0 and alone["base_local"] == alone["base_full"]
@@ -61,12 +73,6 @@ def test_two_process_fsdp_shards_the_base_and_matches_one_process(tmp_path):
         assert r["sharded"] == r["base_tensors"] == 39, r["whole"]  # every frozen base tensor
         assert abs(r["base_local"] - r["base_full"] / 2) < 0.01 * r["base_full"]
         assert r["adapters"] == ["Parameter"]  # adapters whole (no DTensor): LoRA's stacked views intact
-    assert two.count("saved by process 0 of 2") == 1 and "saved by process 1" not in two
-    a, b = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=k)
-    assert any((a[k] != 0).any() for k in a if "lora_B" in k)  # training really moved the adapters
     # the trained adapters load into a fresh (unsharded) model and are what its routed path gathers
     from adapters_mtl.data.tasks import TaskSpec, load_task
 
@@ -83,7 +89,3 @@ def test_two_process_fsdp_shards_the_base_and_matches_one_process(tmp_path):
         mixed = model(**inputs, adapters=["topic", "mood"])  # gathered from the stacked storage
         topic = model(**{k: v[:1] for k, v in inputs.items()}, adapters="topic")  # from the parameters
     torch.testing.assert_close(mixed.row_logits[0], topic.row_logits[0], atol=1e-5, rtol=0)
-    assert sorted(p.name for p in (tmp_path / "run4" / "checkpoint").iterdir()) == [
-        "state.safetensors",
-        "trainer_state.json",
-    ]
