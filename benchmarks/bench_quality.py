@@ -1,7 +1,7 @@
 """Quality on real data: the recipes run on the real MiniLM-L6 and the packaged corpora, several seeds, one table.
 
 Every run uses the same tasks and splits, with at least 400 test texts per task (``DATA``: all 2,225 BBC
-articles split 70/10/20 -> 446 test headlines; 2,050 tweets split 60/20/20 -> 410 test tweets), the same
+articles split 70/10/20 -> 445 test headlines; 2,050 tweets split 60/20/20 -> 410 test tweets), the same
 number of steps of 16 rows (``--steps``, so each task sees about the same number of rows in every run) and
 ``--seeds`` training seeds (the splits stay fixed; the seed changes adapter/head initialisation, dropout and
 the batch order). Runs:
@@ -38,7 +38,7 @@ RECIPES = Path(__file__).parents[1] / "recipes"
 TASKS = ("news", "tone")
 DATA = [  # the same tasks and splits in every run: >= 400 test texts per task
     "tasks.0.limit=null",
-    "tasks.0.splits=[0.7,0.1,0.2]",  # news: 2,225 articles -> 1,557 / 222 / 446
+    "tasks.0.splits=[0.7,0.1,0.2]",  # news: 2,225 articles -> 445 test headlines
     "tasks.1.limit=2050",
     "tasks.1.splits=[0.6,0.2,0.2]",  # tone: 2,050 tweets -> 1,230 / 410 / 410
 ]
