@@ -107,12 +107,13 @@ class MultiTaskTrainer:
             _check_sharing(model, tasks, config.sharing, self.shared_name)
         if config.sharing == "soft":
             check_soft_sharing(model, list(tasks))
-        if fsdp_requested(config.fsdp) and any(d.generative for d in tasks.values()):
+        fsdp = fsdp_requested(config.fsdp)  # the flag, or an `accelerate launch` FSDP config
+        if fsdp and any(d.generative for d in tasks.values()):
             raise ValueError(
                 "fsdp with causal_lm tasks is not supported yet: generation calls the base's generate(), "
                 "which bypasses the sharded root's gathering; train them without fsdp"
             )
-        if fsdp_requested(config.fsdp) and config.unfreeze != "none":
+        if fsdp and config.unfreeze != "none":
             raise ValueError(
                 f"fsdp shards the frozen base; unfreeze={config.unfreeze!r} would train base weights it "
                 "keeps whole on every process and the published base fingerprint would be stale: use "
@@ -176,7 +177,7 @@ class MultiTaskTrainer:
         self.step_module = _TrainStep(model, discriminator)
         self.unfrozen = _unfreeze(model, config.unfreeze)
         self.trainable = self._trainable_parameters()
-        if fsdp_requested(config.fsdp):  # the frozen base sharded; trainable parameters stay whole (DDP)
+        if fsdp:  # the frozen base sharded; trainable parameters stay whole (DDP)
             shard_frozen_base(self.step_module, model, self.acc.device)
         optimizer = torch.optim.AdamW(
             _param_groups(self.trainable, config), lr=config.lr, weight_decay=config.weight_decay
