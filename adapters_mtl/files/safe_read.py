@@ -8,6 +8,7 @@ import os
 import stat
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load
 
@@ -133,9 +134,48 @@ def parse_tensors(data: bytes, where: str) -> dict[str, torch.Tensor]:
             f"tensors {bad[:5]} have dtype {tensors[bad[0]].dtype}; adapter weights are stored as one of "
             f"{[str(d).removeprefix('torch.') for d in STORED_DTYPES]}"
         )
-    nonfinite = sorted(k for k, t in tensors.items() if k not in bad and not bool(torch.isfinite(t).all()))
+    if bad:
+        nonfinite = _nonfinite({k: t for k, t in tensors.items() if k not in bad})
+    else:
+        nonfinite = [] if _all_finite(data, tensors) else _nonfinite(tensors)
     if nonfinite:
         problems.append(f"tensors {nonfinite[:5]} hold NaN or Inf values (a diverged training run?)")
     if problems:
         raise AdapterFileError(f"{where}: " + "; ".join(problems))
     return tensors
+
+
+def _nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the tensors holding NaN or Inf (one check per tensor: exact, and names them)."""
+    return sorted(k for k, t in tensors.items() if not bool(torch.isfinite(t).all()))
+
+
+# numpy's view of each stored dtype for the one-pass check; bfloat16 (no numpy dtype) is read as its bits
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
+
+
+def _all_finite(data: bytes, tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether every value of the safetensors file ``data`` is finite, in one pass over its bytes when all its
+    tensors share a dtype (else one check per tensor). A False may be a false alarm (a finite sum that
+    overflowed): callers then name the culprits with :func:`_nonfinite`, which is exact.
+
+    ``tensors`` must be ``load(data)``: safetensors has then checked that the data region (after the 8-byte
+    header length and the header) holds every tensor end to end with no hole or overlap, so a view of the
+    whole region is exactly every stored value. One reduction over it costs ~0.1 ms for a 1.8 MB adapter;
+    ``torch.isfinite(t).all()`` per tensor costs ~7 ms for its 120 tensors (two kernels and an allocation
+    each). numpy, not torch: a torch reduction this large runs on OpenMP threads, which stall for
+    milliseconds on a busy machine.
+    """
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) != 1:
+        return not _nonfinite(tensors)
+    dtype = dtypes.pop()
+    start = 8 + int.from_bytes(data[:8], "little")
+    if dtype == torch.bfloat16:  # NaN/Inf: every exponent bit set
+        bits = np.frombuffer(data, dtype=np.uint16, offset=start)
+        return not bool(np.any((bits & 0x7F80) == 0x7F80))
+    values = np.frombuffer(data, dtype=_NUMPY_DTYPES[dtype], offset=start)
+    # a sum of finite values is finite unless it overflows; any NaN or Inf makes it NaN or Inf (IEEE)
+    return bool(
+        np.isfinite(np.add.reduce(values, dtype=np.float64 if dtype == torch.float64 else np.float32))
+    )

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import adapter_dtype_for
+from ..core.quantize import compute_dtype, linear_features, refuse_merge
 from ..core.routing import MixedRows, Route
 from .wrapped import innermost
 
@@ -29,12 +30,10 @@ class AdaLoraLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, route: Route, dtype: torch.dtype | None) -> None:
         super().__init__()
         self.base_layer = base_layer
-        w = cast(torch.Tensor, innermost(base_layer).weight)
         self.fan_in_fan_out = not isinstance(innermost(base_layer), nn.Linear)  # Conv1D stores (in, out)
-        self.in_features, self.out_features = (
-            (w.shape[0], w.shape[1]) if self.fan_in_fan_out else w.shape[::-1]
-        )
-        self.dtype = dtype or adapter_dtype_for(w.dtype)
+        # from the module (a quantized weight may be packed); a quantized base's adapters are never int8
+        self.in_features, self.out_features = linear_features(innermost(base_layer))
+        self.dtype = dtype or adapter_dtype_for(compute_dtype(innermost(base_layer)))
         self.lora_A = nn.ParameterDict()  # name -> (r, in) right singular vectors
         self.lora_E = nn.ParameterDict()  # name -> (r, 1) singular values
         self.lora_B = nn.ParameterDict()  # name -> (out, r) left singular vectors
@@ -181,6 +180,8 @@ class AdaLoraLayer(nn.Module):
     def merge(self, name: str, keep_original: bool = True) -> None:
         """Fold ``name`` into the base weight; ``keep_original``: ``unmerge`` restores the exact tensor."""
         inner = innermost(self.base_layer)
+        # a quantized weight: a clear error before anything changes
+        refuse_merge([("this layer", inner)], name)
         w = cast(torch.Tensor, inner.weight)
         if keep_original:
             self._original = [cast(nn.Parameter, w)]

@@ -31,6 +31,7 @@ from typing_extensions import override
 
 from ..core.config import adapter_dtype_for
 from ..core.module_paths import PEFT_PREFIX
+from ..core.quantize import compute_dtype, linear_features
 from ..core.routing import MixedRows, Route
 from .base import KeyMap
 from .bottleneck_config import BottleneckConfig
@@ -79,10 +80,9 @@ class BottleneckLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, route: Route, dtype: torch.dtype | None) -> None:
         super().__init__()
         self.base_layer = base_layer
-        w = cast(torch.Tensor, innermost(base_layer).weight)
-        conv1d = not isinstance(innermost(base_layer), nn.Linear)  # transformers' Conv1D stores (in, out)
-        self.features = w.shape[1] if conv1d else w.shape[0]
-        self.dtype = dtype or adapter_dtype_for(w.dtype)
+        # the output width, from the module (a quantized weight may be packed); dtype never int8/uint8
+        self.features = linear_features(innermost(base_layer))[1]
+        self.dtype = dtype or adapter_dtype_for(compute_dtype(innermost(base_layer)))
         # name -> tensor; ParameterDicts so that each adapter's tensors are ordinary parameters
         self.bn_down_weight = nn.ParameterDict()  # (width, features)
         self.bn_down_bias = nn.ParameterDict()  # (width,)

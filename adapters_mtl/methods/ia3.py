@@ -18,6 +18,7 @@ from torch import nn
 from typing_extensions import override
 
 from ..core.module_paths import PEFT_PREFIX
+from ..core.quantize import compute_dtype, linear_features, refuse_merge
 from ..core.routing import MixedRows, Route
 from .base import KeyMap
 from .ia3_config import IA3Config
@@ -40,12 +41,12 @@ class IA3Layer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         inner = innermost(base_layer)
-        w = cast(torch.Tensor, inner.weight)
         self.conv1d = not isinstance(inner, nn.Linear)  # transformers' Conv1D stores (in, out)
-        in_f, out_f = (w.shape[0], w.shape[1]) if self.conv1d else (w.shape[1], w.shape[0])
+        in_f, out_f = linear_features(inner)  # from the module: a quantized weight may be packed
         self.feedforward = feedforward
         self.dim = in_f if feedforward else out_f
-        self.dtype = dtype or (torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype)
+        w_dtype = compute_dtype(inner)  # a quantized base: its compute dtype, never int8/uint8
+        self.dtype = dtype or (torch.float32 if w_dtype in (torch.float16, torch.bfloat16) else w_dtype)
         self.ia3_l = nn.ParameterDict()  # name -> (dim,)
         self.name_of_slot: dict[int, str] = {}
         self.merged: str | None = None
@@ -82,7 +83,7 @@ class IA3Layer(nn.Module):
         # rows without an IA3 adapter here get the identity (allocated only when there are such rows)
         ones = torch.ones(self.dim, dtype=self.dtype, device=device) if None in names else None
         table = torch.stack([self.ia3_l[n] if n is not None else cast(torch.Tensor, ones) for n in names])
-        return table[rows.inv].view(batch, *([1] * (ndim - 2)), self.dim)
+        return table.index_select(0, rows.inv).view(batch, *([1] * (ndim - 2)), self.dim)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The base layer with each row's vectors applied (a stack's levels multiply)."""
@@ -106,6 +107,8 @@ class IA3Layer(nn.Module):
         """Fold ``name`` into the base weight (rows scaled for outputs, columns for feed-forward inputs, and
         the bias of an output-scaled layer). ``keep_original``: ``unmerge`` restores the exact tensors."""
         inner = innermost(self.base_layer)
+        # a quantized weight: a clear error before anything changes
+        refuse_merge([("this layer", inner)], name)
         w, b = cast(torch.Tensor, inner.weight), cast("torch.Tensor | None", inner.bias)
         vec = self.ia3_l[name].to(w.dtype)
         # Linear (out, in) / Conv1D (in, out): the vector runs along the out or in axis

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from ..core.module_paths import PEFT_PREFIX
+from ..core.module_paths import PEFT_PREFIX, module_list
+from ..core.quantize import refuse_merge
 from ..core.routing import MixedRows, Route, StaticSlot, slot_selection
 from .base import Factors, KeyMap, Method
 from .lora_config import LoraConfig
@@ -51,6 +52,8 @@ class LoraMethod(Method):
         self.slot: dict[str, int] = {}
         self.targets: dict[str, list[str]] = {}
         self._actual: dict[str, str] = {}  # target path -> where the wrapped module really is
+        # {what a config targets: (every module of the model when matched, the matched paths)}: see _match
+        self._matched: dict[tuple[Any, ...], tuple[list[nn.Module], list[str]]] = {}
         self._free: list[int] = []
         self._next = 1  # slot 0 = no LoRA
         self._merged: str | None = None
@@ -78,6 +81,19 @@ class LoraMethod(Method):
         return out
 
     def _match(self, config: LoraConfig) -> list[str]:
+        """The paths ``config`` targets. Cached per target spec while the model's modules stay the same
+        objects (the key holds them, so a replaced module's id cannot be reused): a second adapter with the
+        same targets lists the modules (~1 ms on SmolLM2) instead of matching every one again (~5 ms)."""
+        spec = (config.targets, config.exclude, config.layers_to_transform)
+        modules = module_list(self.model)
+        hit = self._matched.get(spec)
+        if hit is not None and hit[0] == modules:
+            return list(hit[1])
+        matched = self._match_uncached(config)
+        self._matched[spec] = (modules, matched)
+        return list(matched)
+
+    def _match_uncached(self, config: LoraConfig) -> list[str]:
         from peft.tuners.tuners_utils import check_target_module_exists
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
@@ -133,6 +149,7 @@ class LoraMethod(Method):
         from peft.utils.other import get_pattern_key
 
         paths = self._match(config)
+        wrapped = len(self.layers)
         slot = self._free.pop() if self._free else self._next
         self._next = max(self._next, slot + 1)
         for path in paths:
@@ -145,6 +162,11 @@ class LoraMethod(Method):
         # batch can gather any row's slot in any layer
         for layer in self.layers.values():
             layer.grow(self._next, 1)
+        if len(self.layers) != wrapped:  # new wrappers changed the modules: the match holds for the new ones
+            self._matched[(config.targets, config.exclude, config.layers_to_transform)] = (
+                module_list(self.model),
+                paths,
+            )
         self.slot[name], self.targets[name] = slot, paths
         if config.use_dora:
             self.dora.add(name)
@@ -206,6 +228,7 @@ class LoraMethod(Method):
 
     @override
     def merge(self, name: str, keep_original: bool = True) -> None:
+        refuse_merge(((p, self.layers[p].base_layer) for p in self.targets[name]), name)  # before any layer
         if not keep_original:
             tied = [
                 p
@@ -380,9 +403,10 @@ class LoraMethod(Method):
         missing = sorted(set(params) - set(names.values()))
         if missing:
             problems.append(f"missing keys: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        if not problems:
-            for target, tensor in plan:
-                target.copy_(tensor.to(target.dtype))
+        if not problems and plan:
+            # one call for every factor (converting dtypes as copy_ does): 0.2 ms for SmolLM2's 120
+            # tensors against 0.7 ms for a Python loop of copy_
+            torch._foreach_copy_([t for t, _ in plan], [x for _, x in plan])
         return problems
 
 

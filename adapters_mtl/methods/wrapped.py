@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from ..core.quantize import refuse_merge
 from ..core.routing import Route, SlotSelection, slot_selection
 from .base import KeyMap, Method
 from .lora_layer import is_lora_target_type
@@ -107,6 +108,7 @@ class MergingLayerMethod(LayerMethod):
 
     @override
     def merge(self, name: str, keep_original: bool = True) -> None:
+        refuse_merge(((p, innermost(self.layers[p].base_layer)) for p in self.paths[name]), name)
         for path in self.paths[name]:
             self.layers[path].merge(name, keep_original)
         self._merged = name

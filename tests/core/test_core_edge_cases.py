@@ -18,7 +18,7 @@ def test_adapters_on_different_modules_and_layers_mix():
     model.add_adapter("v", LoraConfig(r=4, targets=("v_proj",), init="random"))
     model.add_adapter("v2", LoraConfig(r=3, targets=("v_proj",), init="random", layers_to_transform=(1,)))
     model.add_adapter("d", LoraConfig(r=2, targets=("down_proj",), init="random", layers_to_transform=(0,)))
-    for strategy in ("gather", "group"):
+    for strategy in ("gather", "group", "segment"):
         model.routing_strategy = strategy
         assert_rows_alone(model, batch(5, 6), ["q", "v", "v2", "d", None], masked=False)
 
@@ -31,7 +31,7 @@ def test_each_row_gets_its_own_dropout_in_training():
     inputs = batch(2, 6)
     with torch.no_grad():
         alone = model(**{k: v[:1] for k, v in inputs.items()}, adapters="calm").logits[0]
-        for strategy in ("gather", "group"):
+        for strategy in ("gather", "group", "segment"):
             model.routing_strategy = strategy
             mixed = model(**inputs, adapters=["calm", "noisy"]).logits
             torch.testing.assert_close(mixed[0], alone, atol=1e-5, rtol=0)
@@ -179,3 +179,41 @@ def test_base_fingerprint_is_computed_once_while_the_base_is_unchanged(monkeypat
     model.add_adapter("a", LoraConfig(r=2, targets=("q_proj",)))
     base_fingerprint(model)
     assert calls == []
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_fused_lora_update_equals_the_formula_forward_and_backward(base_dtype, mixed):
+    """The update accumulated into the base output by addmm/baddbmm (alpha = scale) equals
+    W·x + b + s·B·A·x with its gradients; a bf16 base with fp32 adapters takes the unfused path."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 24).to(base_dtype)
+    holder = torch.nn.Sequential(torch.nn.Identity(), base)
+    from adapters_mtl.core.routing import Route
+    from adapters_mtl.methods.lora_layer import LoraLayer
+
+    route = Route()
+    layer = LoraLayer(base, route)
+    holder[1] = layer
+    layer.add("a", slot=1, r=4, scaling=1.5, dropout=0.0, init="random")
+    layer.add("b", slot=2, r=2, scaling=0.5, dropout=0.0, init="random")
+    x = torch.randn(3, 5, 16, dtype=base_dtype)
+    rows = ["a", "b", "a"] if mixed else ["a"] * 3
+    slots = {"a": 1, "b": 2}
+    from adapters_mtl.core.routing import slot_selection
+
+    route.default = {**route.default, "lora": slot_selection(rows, slots, lambda: x.device)}
+    layer.train()
+    out = layer(x)
+    ref = []
+    for i, name in enumerate(rows):
+        A, B = layer.lora_A[name], layer.lora_B[name]
+        xi = x[i].to(A.dtype)
+        ref.append(base(x[i]) + (xi @ A.T @ B.T * layer.scaling[name]).to(base_dtype))
+    ref_t = torch.stack(ref)
+    tol = 1e-5 if base_dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out, ref_t, atol=tol, rtol=tol)
+    grads = torch.autograd.grad(out.float().pow(2).sum(), [layer.lora_A["a"], layer.lora_B["a"]])
+    grads_ref = torch.autograd.grad(ref_t.float().pow(2).sum(), [layer.lora_A["a"], layer.lora_B["a"]])
+    for g, r in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, r, atol=tol * 10, rtol=tol)

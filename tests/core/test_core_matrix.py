@@ -42,7 +42,7 @@ def test_routed_equals_alone(family, method):
         assert (mixed[0] - base[0]).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("strategy", ["gather", "group"])
+@pytest.mark.parametrize("strategy", ["gather", "group", "segment"])
 def test_lora_strategies_agree(family, strategy):
     model = model_with(family, "lora", n=3)
     model.routing_strategy = strategy

@@ -193,7 +193,7 @@ def test_training_mode_with_dropout_matches_peft():
 
 
 # ------------------------------------------------------------------------------------------------ routing
-@pytest.mark.parametrize("strategy", ["gather", "group"])
+@pytest.mark.parametrize("strategy", ["gather", "group", "segment"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_routed_rows_equal_each_alone(family, strategy):
     model = _model(family)
