@@ -31,6 +31,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_training.py
 	$(BIN)/python benchmarks/bench_composer.py
 	$(BIN)/python benchmarks/bench_methods.py
+	$(BIN)/python benchmarks/bench_generate.py
+	$(BIN)/python benchmarks/bench_memory.py
+	$(BIN)/python benchmarks/bench_gpu.py
+	$(BIN)/python benchmarks/report.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check adapters_mtl tests benchmarks

@@ -7,6 +7,7 @@ AdamW step.
 
   peft single      PEFT ``get_peft_model`` + one head, a plain Accelerate loop (the reference)
   ours single      AdapterModel, one adapter for every row
+  full FT          the same base and head with every weight trained (no adapter): what a LoRA step saves
   ours joint-4     4 task adapters + heads, rows assigned round-robin, one routed call (the trainer's step)
   ours shared+4    as joint-4 with a shared adapter stacked under each task adapter (hierarchical sharing)
   ours joint-4 ckpt  joint-4 with routed activation checkpointing (``activation_checkpointing_enable``):
@@ -34,7 +35,9 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("peft single", "ours single", "ours joint-4", "ours shared+4", "ours joint-4 ckpt")
+VARIANTS = ("peft single", "ours single", "full FT", "ours joint-4", "ours shared+4", "ours joint-4 ckpt")
+# issue 15: a single-adapter step >= 1.05x PEFT's throughput; a LoRA step <= 0.75x a full fine-tuning step
+GOALS = {"single_vs_peft": 1.05, "lora_vs_full_step": 0.75}
 TARGETS = ("query", "value")
 
 
@@ -68,6 +71,13 @@ def run_variant(variant: str, steps: int, B: int, T: int) -> dict:
         model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=list(TARGETS)))
         head = torch.nn.Linear(384, 3)
         module = torch.nn.ModuleDict({"model": model, "head": head})
+
+        def loss_fn():
+            hidden = module["model"](**batch).last_hidden_state[:, 0]
+            return torch.nn.functional.cross_entropy(module["head"](hidden), labels)
+    elif variant == "full FT":
+        head = torch.nn.Linear(384, 3)
+        module = torch.nn.ModuleDict({"model": base, "head": head})
 
         def loss_fn():
             hidden = module["model"](**batch).last_hidden_state[:, 0]
@@ -214,6 +224,26 @@ def main(argv: list[str] | None = None) -> None:
             f"| {r['variant']} | {r['tokens_per_s']:.0f} | {r['vs_peft']:.2f} | {r['step_ms']:.1f} | "
             f"{r['peak_mib']:.0f} | {r['trainable']:,} |"
         )
+    by_name = {r["variant"]: r for r in rows}
+    single_vs_peft = by_name["ours single"]["vs_peft"]
+    lora_vs_full = by_name["ours single"]["step_ms"] / by_name["full FT"]["step_ms"]
+    goals = [
+        {
+            "goal": "training step: ours single / PEFT single throughput",
+            "measured": round(single_vs_peft, 3),
+            "target": f">= {GOALS['single_vs_peft']}",
+            "met": single_vs_peft >= GOALS["single_vs_peft"],
+        },
+        {
+            "goal": "training step: LoRA step / full fine-tuning step time",
+            "measured": round(lora_vs_full, 3),
+            "target": f"<= {GOALS['lora_vs_full_step']}",
+            "met": lora_vs_full <= GOALS["lora_vs_full_step"],
+        },
+    ]
+    print("\n| goal | measured | target | met |\n|---|---:|---|---|")
+    for g in goals:
+        print(f"| {g['goal']} | {g['measured']} | {g['target']} | {'yes' if g['met'] else 'NO'} |")
     scaling = memory_scaling()
     print("\n## Parameter memory with N task adapters (+ heads): base + N × adapter?\n")
     print(
@@ -235,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "steps_table": rows,
         "memory_scaling": scaling,
+        "goals": goals,
     }
     args.out.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")
