@@ -12,7 +12,9 @@ Sections:
      (64 distinct) vs every row with one adapter, and PEFT ``generate(adapter_names=...)`` vs PEFT with
      one active adapter (tokens/s; the composer's ``generate`` minus tokenisation);
   4. merge two adapters, per method, vs PEFT ``add_weighted_adapter`` (ΔW-space methods compared with
-     PEFT's ``*_svd`` variants, which also work on ΔW).
+     PEFT's ``*_svd`` variants, which also work on ΔW): ms, PEFT/ours, max |ΔW ours − ΔW PEFT| (DARE with
+     the same masks on both sides), and the pruned methods also with ``svd_solver="full"`` (LAPACK, the
+     slower exact alternative). The goal (≥ 3× PEFT, same ΔW) goes to the JSON's ``goals``.
 
 Timing: one warm-up per variant, then rounds in shuffled order; medians (bench_routing's ``rounds``).
 Usage:
@@ -22,6 +24,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -29,8 +32,9 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -141,34 +145,145 @@ def section_generate(base: torch.nn.Module, repeat: int) -> dict:
     return row
 
 
-def section_merge(base: torch.nn.Module, repeat: int) -> list[dict]:
+PRUNED = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+MERGE_GOAL = 3.0  # issue 15: pruning merges ≥ 3× faster than PEFT with the same ΔW
+SAME_ATOL = 2e-5  # of max|ΔW|: what separates LAPACK's float32 truncation from the float64 one here
+
+
+@contextlib.contextmanager
+def _same_masks() -> Iterator[None]:
+    """The i-th ``torch.bernoulli`` call draws from generator seed i, so our DARE and PEFT's get the same
+    masks (PEFT's new adapter draws its discarded init from the global RNG first, shifting its stream)."""
+    bernoulli, count = torch.bernoulli, [0]
+
+    def counted(p: torch.Tensor) -> torch.Tensor:
+        count[0] += 1
+        return bernoulli(p, generator=torch.Generator().manual_seed(count[0]))
+
+    torch.bernoulli = counted  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.bernoulli = bernoulli
+
+
+def _max_diff(model: AdapterModel, peft_m: Any, name: str) -> tuple[float, float]:
+    """max |ΔW ours − ΔW PEFT| over all modules, and max |ΔW PEFT| (for scale)."""
+    diff = scale = 0.0
+    for path, (A, B, s) in model.factors(name).items():
+        want = peft_m.base_model.model.get_submodule(path).get_delta_weight(name)
+        diff = max(diff, (s * (B @ A) - want).abs().max().item())
+        scale = max(scale, want.abs().max().item())
+    return diff, scale
+
+
+@torch.no_grad()
+def section_merge(base: torch.nn.Module, repeat: int) -> tuple[list[dict], list[dict]]:
+    """Per method: ours (and ours with ``svd_solver="full"``, LAPACK as PEFT) vs PEFT, timed in shuffled
+    rounds; then one untimed run each with the same DARE masks for max |ΔW ours − ΔW PEFT|."""
     model = AdapterModel(copy.deepcopy(base)).eval()
     grow_ours(model, 2)
     peft_m = make_peft(base, model)
     grow_peft(peft_m, model, 2)
-    rows = []
+    names, weights, kw = ["a0", "a1"], [0.6, 0.4], {"density": 0.5}
+
+    def ours(method: str, solver: str = "auto") -> Callable[[], None]:
+        def run() -> None:
+            merge_adapters(model, names, weights, method, into="m", svd_solver=solver, **kw)
+            model.remove_adapter("m")
+
+        return run
+
+    def peft(method: str) -> Callable[[], None]:
+        def run() -> None:
+            peft_m.add_weighted_adapter(names, weights, "m", combination_type=PEFT_METHOD[method], **kw)
+            peft_m.delete_adapter("m")
+
+        return run
+
+    rows, goals = [], []
     for method in MERGE_METHODS:
-        ours, theirs = [], []
-        for i in range(repeat):
-            t0 = time.perf_counter()
-            merge_adapters(model, ["a0", "a1"], [0.6, 0.4], method, into=f"m{i}", density=0.5)
-            ours.append((time.perf_counter() - t0) * 1e3)
-            model.remove_adapter(f"m{i}")
-            t0 = time.perf_counter()
-            peft_m.add_weighted_adapter(
-                ["a0", "a1"], [0.6, 0.4], f"m{i}", combination_type=PEFT_METHOD[method], density=0.5
-            )
-            theirs.append((time.perf_counter() - t0) * 1e3)
-            peft_m.delete_adapter(f"m{i}")
+        fns = {"ours": ours(method), "peft": peft(method)}
+        if method in PRUNED:
+            fns["ours_full"] = ours(method, "full")
+        times = rounds(fns, repeat)
+        with _same_masks():
+            merge_adapters(model, names, weights, method, into="m", **kw)
+        with _same_masks():
+            peft_m.add_weighted_adapter(names, weights, "m", combination_type=PEFT_METHOD[method], **kw)
+        diff, scale = _max_diff(model, peft_m, "m")
+        model.remove_adapter("m")
+        peft_m.delete_adapter("m")
         row = {
             "method": method,
             "peft_method": PEFT_METHOD[method],
-            "ours_ms": statistics.median(ours),
-            "peft_ms": statistics.median(theirs),
+            "ours_ms": med(times, "ours"),
+            "ours_full_svd_ms": med(times, "ours_full") if "ours_full" in times else None,
+            "peft_ms": med(times, "peft"),
+            "peft_over_ours": 1 / ratio(times, "ours", "peft"),
+            "max_abs_diff_vs_peft": diff,
+            "max_abs_delta_w": scale,
         }
+        if method in PRUNED:
+            same = diff <= SAME_ATOL * scale
+            row["goal_met"] = row["peft_over_ours"] >= MERGE_GOAL and same
+            goals.append(
+                {
+                    "goal": f"{method} merge >= {MERGE_GOAL:g}x faster than PEFT add_weighted_adapter "
+                    f"({PEFT_METHOD[method]}), same ΔW (max diff <= {SAME_ATOL:g}·max|ΔW|)",
+                    "measured": round(row["peft_over_ours"], 2),
+                    "target": MERGE_GOAL,
+                    "met": row["goal_met"],
+                }
+            )
         rows.append(row)
         print(f"  merge {row}", flush=True)
-    return rows
+    return rows, goals
+
+
+def print_swap(rows: list[dict]) -> None:
+    print("| adapters loaded | `Composer.use` µs | PEFT `set_adapter` µs |\n|---:|---:|---:|")
+    for r in rows:
+        peft_us = "-" if r["peft_set_adapter_us"] is None else f"{r['peft_set_adapter_us']:,.0f}"
+        print(f"| {r['adapters_loaded']} | {r['composer_use_us']:.1f} | {peft_us} |")
+
+
+def print_load(ld: dict) -> None:
+    print(
+        f"\nload from the registry: Composer.load {ld['composer_load_ms']:.1f} ms vs PEFT load_adapter "
+        f"{ld['peft_load_adapter_ms']:.1f} ms\n"
+    )
+
+
+def print_generate(g: dict) -> None:
+    print(f"| generate B={GEN_B}, {GEN_NEW} new tokens | tokens/s |\n|---|---:|")
+    for k, label in (
+        ("ours_single", "ours, one adapter"),
+        ("ours_64", "ours, 64 distinct adapters"),
+        ("peft_single", "PEFT, one adapter"),
+        ("peft_64", "PEFT adapter_names, 64 distinct"),
+    ):
+        print(f"| {label} | {g[k + '_tok_s']:.0f} |")
+    print(
+        f"\nours 64 distinct / ours single: {g['ours_64_vs_single']:.2f}x; ours / PEFT at 64 distinct: "
+        f"{g['ours_64_vs_peft_64']:.2f}x\n"
+    )
+
+
+def print_merge(rows: list[dict]) -> None:
+    print(
+        "| merge method | ours ms | ours, LAPACK SVD ms | PEFT method | PEFT ms | PEFT/ours "
+        "| max abs ΔW ours − PEFT | goal ≥ 3× |\n|---|---:|---:|---|---:|---:|---:|---|"
+    )
+    for r in rows:
+        full = "-" if r.get("ours_full_svd_ms") is None else f"{r['ours_full_svd_ms']:.1f}"
+        goal = {True: "met", False: "not met", None: "-"}[r.get("goal_met")]
+        speedup = r.get("peft_over_ours", r["peft_ms"] / r["ours_ms"])
+        diff = "-" if r.get("max_abs_diff_vs_peft") is None else f"{r['max_abs_diff_vs_peft']:.1e}"
+        print(
+            f"| {r['method']} | {r['ours_ms']:.1f} | {full} | {r['peft_method']} | {r['peft_ms']:.1f} "
+            f"| {speedup:.2f}x | {diff} | {goal} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -201,38 +316,23 @@ def main(argv: list[str] | None = None) -> None:
             "swap": lambda: section_swap(base, args.quick),
             "load": lambda: section_load(base, Path(tmp), repeat),
             "generate": lambda: section_generate(base, 2 if args.quick else 3),
-            "merge": lambda: section_merge(base, repeat),
         }
         for name in args.sections:
-            result[name] = runs[name]()
+            if name == "merge":
+                result["merge"], result["goals"] = section_merge(base, repeat)
+            else:
+                result[name] = runs[name]()
     print(
         f"\n## Composer vs PEFT (Llama with SmolLM2-135M shapes, {args.layers} layers, LoRA r=8 q+v, CPU)\n"
     )
-    print("| adapters loaded | `Composer.use` µs | PEFT `set_adapter` µs |\n|---:|---:|---:|")
-    for r in result["swap"]:
-        peft_us = "-" if r["peft_set_adapter_us"] is None else f"{r['peft_set_adapter_us']:,.0f}"
-        print(f"| {r['adapters_loaded']} | {r['composer_use_us']:.1f} | {peft_us} |")
-    ld = result["load"]
-    print(
-        f"\nload from the registry: Composer.load {ld['composer_load_ms']:.1f} ms vs PEFT load_adapter "
-        f"{ld['peft_load_adapter_ms']:.1f} ms\n"
-    )
-    g = result["generate"]
-    print(f"| generate B={GEN_B}, {GEN_NEW} new tokens | tokens/s |\n|---|---:|")
-    for k, label in (
-        ("ours_single", "ours, one adapter"),
-        ("ours_64", "ours, 64 distinct adapters"),
-        ("peft_single", "PEFT, one adapter"),
-        ("peft_64", "PEFT adapter_names, 64 distinct"),
-    ):
-        print(f"| {label} | {g[k + '_tok_s']:.0f} |")
-    print(
-        f"\nours 64 distinct / ours single: {g['ours_64_vs_single']:.2f}x; ours / PEFT at 64 distinct: "
-        f"{g['ours_64_vs_peft_64']:.2f}x\n"
-    )
-    print("| merge method | ours ms | PEFT method | PEFT ms |\n|---|---:|---|---:|")
-    for r in result["merge"]:
-        print(f"| {r['method']} | {r['ours_ms']:.1f} | {r['peft_method']} | {r['peft_ms']:.1f} |")
+    if "swap" in result:  # sections never run (a fresh --out) are left out
+        print_swap(result["swap"])
+    if "load" in result:
+        print_load(result["load"])
+    if "generate" in result:
+        print_generate(result["generate"])
+    if "merge" in result:
+        print_merge(result["merge"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")
