@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---:|---|---|")
     for r in rows:
         met = "not measured" if r["met"] is None else ("yes" if r["met"] else "**no**")
-        print(f"| {r['bench']} ({r['date']}) | {r['goal']} | {cell(r['measured'])} | {r['target']} | {met} |")
+        goal = str(r["goal"]).replace("|", "\\|")  # a |x| in the text would split the markdown cell
+        print(f"| {r['bench']} ({r['date']}) | {goal} | {cell(r['measured'])} | {r['target']} | {met} |")
     measured = [r for r in rows if r["met"] is not None]
     print(
         f"\n{sum(r['met'] for r in measured)} of {len(measured)} measured goals met; {len(rows) - len(measured)} not measured here."
