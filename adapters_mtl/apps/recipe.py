@@ -1,6 +1,7 @@
 """Recipes: flat, commented YAML files → validated objects → a training run.
 
-A recipe has the keys ``base`` (``minilm``, ``smollm2`` or a local model folder), ``tasks`` (a list of
+A recipe has the keys ``base`` (``minilm``, ``smollm2`` or a local model folder), ``quantize`` (``none``,
+``int8``, ``nf4`` or ``fp4``: the base's Linear layers quantized with bitsandbytes, QLoRA), ``tasks`` (a list of
 TaskSpec fields), ``adapter`` (config fields per method: ``lora:``, ``adalora:``, ``prefix:``, ``prompt:``,
 ``ia3:``, ``bottleneck:``, one or several, used for every task unless a task has its own; ``shared:``
 LoRA fields of the shared adapter when ``train.sharing`` is ``shared`` or ``adversarial``, default the
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..core.quantize import check_quantize
 from ..data.tasks import TaskSpec
 from ..methods import METHODS, LoraConfig, get_method
 from .recipe_yaml import MAX_BYTES, RecipeError, apply_overrides, read_yaml, report, type_problems
@@ -40,7 +42,7 @@ DEFAULT_METHOD = next(iter(METHODS))  # an adapter section left out of a recipe:
 
 __all__ = ["RecipeError", "RunError", "apply_overrides", "load_recipe", "read_yaml", "run_recipe"]
 
-TOP_KEYS = {"base", "tasks", "adapter", "train", "registry", "description", "compose"}
+TOP_KEYS = {"base", "quantize", "tasks", "adapter", "train", "registry", "description", "compose"}
 COMPOSE_KEYS = {"adapters", "shots", "budget", "seed", "publish", "output_dir"}
 
 
@@ -132,6 +134,16 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict:
     base = raw.get("base", "minilm")
     if not isinstance(base, str) or not base:
         problems.append(f"base: expected 'minilm', 'smollm2' or a local model folder, got {base!r}")
+    quantize = None
+    try:
+        quantize = check_quantize(raw.get("quantize"))
+    except ValueError as e:
+        problems.append(f"quantize: {e}")
+    if quantize is not None and raw.get("compose") is not None:
+        problems.append(
+            f"quantize: {quantize} with compose: composing merges adapters, which a quantized base cannot "
+            "take; remove quantize (or set it to none)"
+        )
     registry = raw.get("registry", "default")
     if registry is not None and (not isinstance(registry, str) or not registry):
         problems.append(
@@ -221,6 +233,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict:
         "raw": raw,
         "path": str(path),
         "base": base,
+        "quantize": quantize,
         "tasks": tasks,
         "adapters": adapters,
         "train": train,
@@ -260,7 +273,7 @@ def run_recipe(recipe: dict, *, resume: bool = False, overwrite: bool = False) -
     out = output_dir(recipe)
     start_output(out, overwrite)
     try:
-        base, tokenizer = load_base(recipe["base"])
+        base, tokenizer = load_base(recipe["base"], quantize=recipe.get("quantize"))
     except ValueError as e:
         raise RecipeError(f"base: {e}") from e
     if compose is not None:

@@ -134,3 +134,23 @@ def test_per_task_adapters_and_full_fine_tuning(tmp_path, bases):
         load_recipe(path, ["tasks.0.adapter={lora2: {}}"])
     with pytest.raises(RecipeError, match="unfreeze must be 'none', 'all' or a regular expression"):
         load_recipe(path, ["train.unfreeze=(["])
+
+
+def test_quantize_in_a_recipe_is_checked_before_the_model_and_reaches_the_base(tmp_path, bases, monkeypatch):
+    path = RECIPES / "single_task_lora.yaml"
+    overrides = _overrides(path, bases["minilm"], tmp_path)
+    with pytest.raises(RecipeError, match=r"quantize: .*'int4'.*nf4"):
+        load_recipe(path, [*overrides, "quantize=int4"])
+    import adapters_mtl.data.bases as bases_module
+
+    seen = []
+    real = bases_module.load_base
+
+    def recording(spec, **kw):
+        seen.append(kw.get("quantize"))
+        return real(spec, **kw)
+
+    monkeypatch.setattr(bases_module, "load_base", recording)
+    summary = run_recipe(load_recipe(path, [*overrides, "quantize=nf4"]))
+    assert seen == ["nf4"]
+    assert summary  # trained, evaluated and published on the NF4 base
