@@ -463,6 +463,13 @@ class LoraLayer(nn.Module):
         keep = (torch.rand_like(x) >= p_rows).to(x.dtype) / (1 - p_rows)
         return x * keep
 
+    def _rows_need_grad(self, rows: MixedRows) -> bool:
+        """Whether gradients must reach some routed adapter's parameters (the training path of
+        :meth:`_gathered`; :meth:`_segmented` then defers to it)."""
+        return torch.is_grad_enabled() and any(
+            self.lora_A[n].requires_grad for s in rows.uniq if (n := self._name_of_slot.get(s)) is not None
+        )
+
     def _gathered(
         self, x: torch.Tensor, rows: MixedRows, drop: bool = True, into: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -471,10 +478,7 @@ class LoraLayer(nn.Module):
         ``into`` plus the update, accumulated by the second matmul when the dtypes agree."""
         Bsz = x.shape[0]
         x3 = x.reshape(Bsz, -1, self.in_features)  # (B, T, in)
-        needs_grad = torch.is_grad_enabled() and any(
-            self.lora_A[n].requires_grad for s in rows.uniq if (n := self._name_of_slot.get(s)) is not None
-        )
-        if needs_grad:
+        if self._rows_need_grad(rows):
             # Training: stack the used adapters' parameters (a few tasks per batch) so gradients
             # flow to exactly those; rows of other slots gather zeros.
             R = self.stack_A.shape[1]
@@ -516,11 +520,13 @@ class LoraLayer(nn.Module):
         weights once instead of copying them per row. Only the rows' order is copied. The CUDA path for
         many adapters (grouped GEMM kernels); on CPU ``gather`` is faster (README "Routing algorithm").
         Training falls back to ``gather`` (gradients must reach the used adapters' parameter views)."""
-        needs_grad = torch.is_grad_enabled() and any(
-            self.lora_A[n].requires_grad for s in rows.uniq if (n := self._name_of_slot.get(s)) is not None
-        )
         align = max(1, 16 // x.element_size())  # grouped GEMMs need every stride a multiple of 16 bytes
-        if needs_grad or (drop and self.training) or self.in_features % align or self.out_features % align:
+        if (
+            (drop and self.training)
+            or self._rows_need_grad(rows)
+            or self.in_features % align
+            or self.out_features % align
+        ):
             return self._gathered(x, rows, drop=drop)
         seg = rows.segments()
         Bsz = x.shape[0]
